@@ -1,0 +1,55 @@
+# Quick start: `make demo` and `make test` do all set-up on a fresh machine (a .venv with the CPU build of torch).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# The CPU machines have torch 2.13.0 on local disk; installing it first keeps pip from fetching a CUDA build.
+TORCH_CPU ?= torch==2.13.0
+GPU_PY ?= python3
+
+.PHONY: install demo test test-py test-notebooks test-docs test-gpu lint docs lab bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e '.[dev,notebooks,docs]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m reference.demo
+
+test: test-py test-notebooks test-docs
+
+test-py: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest
+
+test-notebooks: $(STAMP)
+	$(PY) -m jupytext --quiet --to ipynb notebooks/*.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -p no:randomly --nbmake notebooks/*.ipynb -o testpaths=notebooks
+
+test-docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --quiet
+
+# On the GPU machine (its own python, no venv): kernels natively at larger shapes, bf16 included.
+test-gpu:
+	$(GPU_PY) -m pytest -m "gpu or not gpu" tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check reference optimized tests benchmarks
+
+docs: $(STAMP)
+	$(PY) -m mkdocs serve
+
+lab: $(STAMP)
+	$(PY) -m jupytext --quiet --to ipynb notebooks/*.py
+	$(PY) -m jupyter lab notebooks/
+
+bench:
+	$(GPU_PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) site out .cache .pytest_cache .hypothesis

@@ -1,0 +1,92 @@
+"""Argument validation shared by every public function: clear errors that name the argument and the rule."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import NSAConfig
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_config(config: object) -> NSAConfig:
+    if not isinstance(config, NSAConfig):
+        raise TypeError(f"config must be an NSAConfig, got {type(config).__name__}")
+    return config
+
+
+def check_tensor(name: str, x: object, ndim: int, layout: str) -> torch.Tensor:
+    """A floating tensor of rank ``ndim``; ``layout`` (e.g. "[B, T, HQ, DK]") goes into the message."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have rank {ndim} {layout}, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``x`` must share dtype and device with ``ref``."""
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; they must match")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; they must match")
+
+
+def check_dim(name: str, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    if x.shape[dim] != expected:
+        raise ValueError(f"{name}.shape[{dim}] ({what}) must be {expected}, got {x.shape[dim]}")
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name: str = "k", v_name: str = "v"
+) -> tuple[int, int, int, int, int, int]:
+    """q [B, T, HQ, DK], k [B, S, H, DK], v [B, S, H, DV] with HQ % H == 0. Returns (B, T, HQ, H, DK, DV)."""
+    check_tensor("q", q, 4, "[B, T, HQ, DK]")
+    check_tensor(k_name, k, 4, "[B, S, H, DK]")
+    check_tensor(v_name, v, 4, "[B, S, H, DV]")
+    check_same(k_name, k, "q", q)
+    check_same(v_name, v, "q", q)
+    B, T, HQ, DK = q.shape
+    H = k.shape[2]
+    check_dim(k_name, k, 0, B, "batch")
+    check_dim(v_name, v, 0, B, "batch")
+    check_dim(k_name, k, 3, DK, "head dim DK, as q")
+    if v.shape[1] != k.shape[1] or v.shape[2] != H:
+        raise ValueError(
+            f"{v_name} [B, S, H, DV] must match {k_name} in S and H: {tuple(v.shape)} vs {tuple(k.shape)}"
+        )
+    if H == 0 or HQ % H != 0:
+        raise ValueError(f"query heads HQ={HQ} must be a multiple of kv heads H={H} (HQ % H == 0)")
+    if T == 0:
+        raise ValueError("q must hold at least one token (T >= 1)")
+    return B, T, HQ, H, DK, v.shape[3]
+
+
+def check_cu_seqlens(cu_seqlens: object, batch: int, total: int) -> torch.Tensor:
+    """cu_seqlens: int32 [N + 1], 0 first, strictly increasing, ending at the packed length; B must be 1."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences), got B={batch}")
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
+    if any(b <= a for a, b in zip(values[:-1], values[1:])):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"cu_seqlens must end at the packed length T={total}, got {values[-1]}")
+    return cu_seqlens
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    return float(scale)

@@ -1,0 +1,58 @@
+"""Packed variable-length batches (``cu_seqlens``, as in FlashAttention; spec section 1).
+
+With ``cu_seqlens`` = ``[0, T_0, T_0 + T_1, ...]`` the batch is one row (``B = 1``) holding the
+sequences back to back. Every sequence restarts its block numbering at its first token, so the
+reference simply runs the dense function on each sequence and concatenates: the clearest statement
+of what a packed kernel must compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .config import NSAConfig
+
+
+def token_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of each packed sequence."""
+    values = cu_seqlens.tolist()
+    return list(zip(values[:-1], values[1:]))
+
+
+def compressed_bounds(cu_seqlens: torch.Tensor, config: NSAConfig) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of each sequence's compressed blocks in a packed ``k_cmp``."""
+    bounds, start = [], 0
+    for t0, t1 in token_bounds(cu_seqlens):
+        n = config.num_compressed(t1 - t0)
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+def compressed_cu_seqlens(cu_seqlens: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """The ``cu_seqlens`` of the packed compressed sequence (int32, same device)."""
+    ends = [end for _, end in compressed_bounds(cu_seqlens, config)]
+    return torch.tensor([0, *ends], dtype=torch.int32, device=cu_seqlens.device)
+
+
+def map_sequences(
+    fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+    cu_seqlens: torch.Tensor,
+    config: NSAConfig,
+    token_args: Sequence[torch.Tensor],
+    compressed_args: Sequence[torch.Tensor] = (),
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Call ``fn(*token_slices, *compressed_slices)`` per sequence and concatenate the outputs along time.
+
+    ``token_args`` are ``[1, T, ...]`` tensors sliced by ``cu_seqlens``; ``compressed_args`` are
+    ``[1, TC_total, ...]`` tensors sliced by each sequence's own compressed length.
+    """
+    outputs = []
+    for (t0, t1), (c0, c1) in zip(token_bounds(cu_seqlens), compressed_bounds(cu_seqlens, config)):
+        args = [x[:, t0:t1] for x in token_args] + [x[:, c0:c1] for x in compressed_args]
+        outputs.append(fn(*args))
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*outputs))
+    return torch.cat(outputs, dim=1)
