@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .config import NSAConfig
@@ -54,9 +56,7 @@ def check_qkv(
     check_dim(v_name, v, 0, B, "batch")
     check_dim(k_name, k, 3, DK, "head dim DK, as q")
     if v.shape[1] != k.shape[1] or v.shape[2] != H:
-        raise ValueError(
-            f"{v_name} [B, S, H, DV] must match {k_name} in S and H: {tuple(v.shape)} vs {tuple(k.shape)}"
-        )
+        raise ValueError(f"{v_name} [B, S, H, DV] must match {k_name} in S and H: {tuple(v.shape)} vs {tuple(k.shape)}")
     if H == 0 or HQ % H != 0:
         raise ValueError(f"query heads HQ={HQ} must be a multiple of kv heads H={H} (HQ % H == 0)")
     if T == 0:
@@ -77,7 +77,7 @@ def check_cu_seqlens(cu_seqlens: object, batch: int, total: int) -> torch.Tensor
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
-    if any(b <= a for a, b in zip(values[:-1], values[1:])):
+    if any(b <= a for a, b in itertools.pairwise(values)):
         raise ValueError(f"cu_seqlens must be strictly increasing, got {values}")
     if values[-1] != total:
         raise ValueError(f"cu_seqlens must end at the packed length T={total}, got {values[-1]}")

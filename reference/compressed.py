@@ -51,7 +51,10 @@ def compressed_attention(
         check_dim("k_cmp", k_cmp, 1, total, "TC, the sum over sequences of floor((T_i - l) / d) + 1")
         return map_sequences(  # type: ignore[return-value]
             lambda q_, k_, v_: _compressed_attention(q_, k_, v_, config, scale),
-            cu_seqlens, config, [q], [k_cmp, v_cmp],
+            cu_seqlens,
+            config,
+            [q],
+            [k_cmp, v_cmp],
         )
     check_dim("k_cmp", k_cmp, 1, config.num_compressed(T), "TC = floor((T - l) / d) + 1, or 0 when T < l")
     return _compressed_attention(q, k_cmp, v_cmp, config, scale)

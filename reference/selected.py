@@ -66,7 +66,9 @@ def selected_attention(
             lambda q_, k_, v_, i_: _selected_attention(
                 q_, k_, v_, check_block_idx(i_, 1, q_.shape[1], H, config, q.device), config, scale
             ),
-            cu_seqlens, config, [q, k, v, block_idx],
+            cu_seqlens,
+            config,
+            [q, k, v, block_idx],
         )
     check_block_idx(block_idx, B, T, H, config, q.device)
     return _selected_attention(q, k, v, block_idx, config, scale)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_same, check_scale
+from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
 from .config import NSAConfig
 from .masks import compressed_visible, forced_blocks, select_candidates
 from .softmax import query_chunk
@@ -45,7 +45,11 @@ def overlap_weights(num_cmp: int, num_sel: int, config: NSAConfig, device: torch
 
 
 def _check_selection_inputs(
-    q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, config: object, scale: float | None,
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse: torch.Tensor,
+    config: object,
+    scale: float | None,
     cu_seqlens: torch.Tensor | None,
 ) -> tuple[NSAConfig, float]:
     config = check_config(config)

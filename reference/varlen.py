@@ -8,6 +8,7 @@ of what a packed kernel must compute.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,7 +19,7 @@ from .config import NSAConfig
 def token_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` of each packed sequence."""
     values = cu_seqlens.tolist()
-    return list(zip(values[:-1], values[1:]))
+    return list(itertools.pairwise(values))
 
 
 def compressed_bounds(cu_seqlens: torch.Tensor, config: NSAConfig) -> list[tuple[int, int]]:
