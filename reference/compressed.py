@@ -23,7 +23,7 @@ import torch
 from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
 from .config import NSAConfig
 from .masks import compressed_visible
-from .softmax import masked_softmax, query_chunk
+from .softmax import accumulate_dtype, masked_softmax, query_chunk
 from .varlen import compressed_bounds, map_sequences
 
 
@@ -40,7 +40,8 @@ def compressed_attention(
 
     q [B, T, HQ, DK], k_cmp [B, TC, H, DK], v_cmp [B, TC, H, DV] with TC = floor((T - l) / d) + 1
     (0 when T < l; with ``cu_seqlens``, the sum of each sequence's TC).
-    Returns o [B, T, HQ, DV] (q's dtype) and lse [B, T, HQ] float32 (-inf where no block is visible).
+    Returns o [B, T, HQ, DV] (q's dtype) and lse [B, T, HQ] float32 (float64 for float64 inputs; -inf where no
+    block is visible).
     """
     config = check_config(config)
     B, T, _, _, DK, _ = check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
@@ -66,13 +67,14 @@ def _compressed_attention(
     B, T, HQ, DK = q.shape
     TC, H, DV = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
     qg = q.view(B, T, H, HQ // H, DK)  # [B, T, H, G, DK]: query head h reads kv head h // G
+    acc = accumulate_dtype(q.dtype)
     t_all = torch.arange(T, device=q.device)
     i = torch.arange(TC, device=q.device)
     o_parts, lse_parts = [], []
     chunk = query_chunk(B * HQ * max(TC, 1) * 4 * 4)
     for t0 in range(0, T, chunk):
         t = t_all[t0 : t0 + chunk]
-        s = torch.einsum("bthgd,bshd->bthgs", qg[:, t0 : t0 + chunk], k_cmp).float() * scale  # [B, Tc, H, G, TC]
+        s = torch.einsum("bthgd,bshd->bthgs", qg[:, t0 : t0 + chunk], k_cmp).to(acc) * scale  # [B, Tc, H, G, TC]
         visible = compressed_visible(t, i, config)[None, :, None, None, :]  # i d + l - 1 <= t (spec 3)
         p, lse = masked_softmax(s, visible)  # softmax over the n_t visible blocks (Eq. 1-2)
         o_parts.append(torch.einsum("bthgs,bshd->bthgd", p.to(v_cmp.dtype), v_cmp))  # [B, Tc, H, G, DV]

@@ -29,14 +29,18 @@ class NSAOutput(NamedTuple):
     o_cmp: torch.Tensor  # [B, T, HQ, DV]
     o_slc: torch.Tensor  # [B, T, HQ, DV]
     o_win: torch.Tensor  # [B, T, HQ, DV]
-    lse_cmp: torch.Tensor  # [B, T, HQ] float32
+    lse_cmp: torch.Tensor  # [B, T, HQ] float32 (float64 for float64 inputs)
     block_idx: torch.Tensor  # [B, T, H, n] int32
 
 
 def combine_gates(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: ``sum_c gates[..., c] * o_c`` in float32, returned in the branches' dtype. gates [B, T, HQ, 3]."""
-    g = gates.float()[..., None]  # [B, T, HQ, 3, 1]
-    o = g[..., 0, :] * o_cmp.float() + g[..., 1, :] * o_slc.float() + g[..., 2, :] * o_win.float()
+    """Eq. 5: ``sum_c gates[..., c] * o_c`` in float32 (float64 for float64 branches), in the branches' dtype.
+
+    gates [B, T, HQ, 3].
+    """
+    acc = torch.promote_types(o_cmp.dtype, torch.float32)
+    g = gates.to(acc)[..., None]  # [B, T, HQ, 3, 1]
+    o = g[..., 0, :] * o_cmp.to(acc) + g[..., 1, :] * o_slc.to(acc) + g[..., 2, :] * o_win.to(acc)
     return o.to(o_cmp.dtype)
 
 
@@ -66,6 +70,7 @@ def nsa_attention(
     check_qkv(q, k_win, v_win, "k_win", "v_win")
     check_dim("k_slc", k_slc, 1, T, "T, as q")
     check_dim("k_win", k_win, 1, T, "T, as q")
+    check_tensor("k_cmp", k_cmp, 4, "[B, TC, H, DK]")
     for name, x in (("k_cmp", k_cmp), ("k_win", k_win)):
         if x.shape[2] != k_slc.shape[2]:
             raise ValueError(f"{name} has {x.shape[2]} kv heads but k_slc has {k_slc.shape[2]}; they must match")

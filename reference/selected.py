@@ -16,7 +16,7 @@ import torch
 
 from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
 from .config import NSAConfig
-from .softmax import masked_softmax, query_chunk
+from .softmax import accumulate_dtype, masked_softmax, query_chunk
 from .varlen import map_sequences
 
 
@@ -80,6 +80,7 @@ def _selected_attention(
     B, T, HQ, DK = q.shape
     H, DV, S, ls = k.shape[2], v.shape[3], block_idx.shape[3], config.select_block
     qg = q.view(B, T, H, HQ // H, DK)  # [B, T, H, G, DK]
+    acc = accumulate_dtype(q.dtype)
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
     b_i = torch.arange(B, device=q.device)[:, None, None, None]
     h_i = torch.arange(H, device=q.device)[None, None, :, None]
@@ -94,7 +95,7 @@ def _selected_attention(
         valid = (idx[..., None] >= 0) & (keys <= positions[t0:t1, None, None, None])  # s <= t
         keys = torch.where(valid, keys, 0).flatten(-2)  # [B, Tc, H, S * l']
         kg, vg = kh[b_i, h_i, keys], vh[b_i, h_i, keys]  # [B, Tc, H, S * l', D]: gathered once per group
-        s = torch.einsum("bthgd,bthsd->bthgs", qg[:, t0:t1], kg).float() * scale  # [B, Tc, H, G, S * l']
+        s = torch.einsum("bthgd,bthsd->bthgs", qg[:, t0:t1], kg).to(acc) * scale  # [B, Tc, H, G, S * l']
         p, _ = masked_softmax(s, valid.flatten(-2)[:, :, :, None, :])
         parts.append(torch.einsum("bthgs,bthsd->bthgd", p.to(v.dtype), vg))  # [B, Tc, H, G, DV]
     return torch.cat(parts, dim=1).reshape(B, T, HQ, DV)

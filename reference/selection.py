@@ -31,7 +31,7 @@ import torch
 from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
 from .config import NSAConfig
 from .masks import compressed_visible, forced_blocks, select_candidates
-from .softmax import query_chunk
+from .softmax import accumulate_dtype, query_chunk
 from .varlen import compressed_bounds, map_sequences
 
 
@@ -82,8 +82,8 @@ def selection_scores(
     """Group importance of each selection block (Eq. 8-10).
 
     q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] from ``compressed_attention``.
-    Returns [B, T, H, NS] float32 with NS = ceil(T / l') (with ``cu_seqlens``: the longest sequence's
-    NS; blocks past a sequence's end score 0, as do blocks after ``t``).
+    Returns [B, T, H, NS] float32 (float64 for float64 inputs) with NS = ceil(T / l') (with ``cu_seqlens``:
+    the longest sequence's NS; blocks past a sequence's end score 0, as do blocks after ``t``).
     """
     config, scale = _check_selection_inputs(q, k_cmp, lse, config, scale, cu_seqlens)
     if cu_seqlens is None:
@@ -104,15 +104,16 @@ def _selection_scores(
     TC, H = k_cmp.shape[1], k_cmp.shape[2]
     NS = config.num_select_blocks(T)
     qg = q.detach().view(B, T, H, HQ // H, DK)  # [B, T, H, G, DK]
-    lse = lse.detach().float().view(B, T, H, HQ // H)
-    weights = overlap_weights(TC, NS, config, q.device)  # [TC, NS] (Eq. 9)
+    acc = accumulate_dtype(q.dtype)
+    lse = lse.detach().to(acc).view(B, T, H, HQ // H)
+    weights = overlap_weights(TC, NS, config, q.device).to(acc)  # [TC, NS] (Eq. 9)
     t_all = torch.arange(T, device=q.device)
     i = torch.arange(TC, device=q.device)
     parts = []
     chunk = query_chunk(B * HQ * max(TC, NS) * 4 * 3)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        s = torch.einsum("bthgd,bshd->bthgs", qg[:, t0:t1], k_cmp.detach()).float() * scale  # [B, Tc, H, G, TC]
+        s = torch.einsum("bthgd,bshd->bthgs", qg[:, t0:t1], k_cmp.detach()).to(acc) * scale  # [B, Tc, H, G, TC]
         visible = compressed_visible(t_all[t0:t1], i, config)[None, :, None, None, :]
         p_cmp = torch.where(visible, torch.exp(s - lse[:, t0:t1, :, :, None]), 0.0)  # Eq. 8
         p_slc = p_cmp @ weights  # [B, Tc, H, G, NS] (Eq. 9)

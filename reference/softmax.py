@@ -13,9 +13,9 @@ import torch
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the last dim of fp32 ``scores`` where ``mask`` is True.
+    """Softmax over the last dim of fp32 (or fp64) ``scores`` where ``mask`` is True.
 
-    scores [..., S] float32, mask [..., S] bool (broadcastable). Returns p [..., S] and lse [...], fp32.
+    scores [..., S] float32, mask [..., S] bool (broadcastable). Returns p [..., S] and lse [...] in the scores dtype.
     """
     if scores.shape[-1] == 0:  # no keys at all (e.g. T < l): exp-sum over nothing
         return scores, scores.new_full(scores.shape[:-1], float("-inf"))
@@ -28,6 +28,11 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     p = e / torch.where(seen, denom, torch.ones_like(denom))
     lse = torch.where(seen, m + torch.log(torch.where(seen, denom, torch.ones_like(denom))), float("-inf"))
     return p, lse.squeeze(-1)
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores and softmax are computed in: float32, or float64 for float64 inputs (an exact oracle)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def query_chunk(per_query_bytes: int, budget_bytes: int = 1 << 28) -> int:

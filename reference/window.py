@@ -15,7 +15,7 @@ import torch
 from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
 from .config import NSAConfig
 from .masks import window_visible
-from .softmax import masked_softmax, query_chunk
+from .softmax import accumulate_dtype, masked_softmax, query_chunk
 from .varlen import map_sequences
 
 
@@ -50,6 +50,7 @@ def _window_attention(
     B, T, HQ, DK = q.shape
     H, DV, w = k.shape[2], v.shape[3], config.window
     qg = q.view(B, T, H, HQ // H, DK)  # [B, T, H, G, DK]
+    acc = accumulate_dtype(q.dtype)
     positions = torch.arange(T, device=q.device)
     chunk = min(T, max(64, w))
     chunk = min(chunk, query_chunk(B * HQ * (chunk + w) * 4 * 4))
@@ -57,7 +58,7 @@ def _window_attention(
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         s0 = max(0, t0 - w + 1)  # the oldest key any query of this chunk can see
-        s = torch.einsum("bthgd,bshd->bthgs", qg[:, t0:t1], k[:, s0:t1]).float() * scale  # [B, Tc, H, G, S]
+        s = torch.einsum("bthgd,bshd->bthgs", qg[:, t0:t1], k[:, s0:t1]).to(acc) * scale  # [B, Tc, H, G, S]
         visible = window_visible(positions[t0:t1], positions[s0:t1], config)  # t - w < s <= t
         p, _ = masked_softmax(s, visible[None, :, None, None, :])
         parts.append(torch.einsum("bthgs,bshd->bthgd", p.to(v.dtype), v[:, s0:t1]))  # [B, Tc, H, G, DV]

@@ -1,0 +1,1 @@
+"""Benchmarks: NSA kernels against full attention (FlashAttention-2, cuDNN, FlexAttention) on the GPU."""

@@ -1,0 +1,129 @@
+"""Plots from ``bench.json``: speedup over each baseline (the paper's Figure 6 layout) and a per-branch breakdown.
+
+    python -m benchmarks.plot                                   # benchmarks/results/bench.json
+    python -m benchmarks.plot --json /tmp/out/bench.json --out /tmp/out
+
+Writes ``speedup_<config>.png`` (forward and backward panels; bars per baseline, with the paper's
+A100 numbers against FlashAttention-2 as markers) and ``breakdown_<config>.png`` (stacked time of the
+compressed, selection, selected and window parts' shares, with the times in ms above the bars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from .run import BASELINES, speedups
+
+PAPER_SPEEDUP = {  # spec section 10: NSA over FlashAttention-2 (Triton, A100, GQA 4 x 16, DK 192, DV 128)
+    "fwd": {8192: 2.1, 16384: 3.8, 32768: 6.3, 65536: 9.0},
+    "bwd": {8192: 1.1, 16384: 2.0, 32768: 3.4, 65536: 6.0},
+}
+LABELS = {"flash": "vs FlashAttention-2 (SDPA)", "cudnn": "vs cuDNN (SDPA)", "flex": "vs FlexAttention"}
+BRANCHES = ("compressed", "selection", "selected", "window")
+COLORS = {"compressed": "tab:blue", "selection": "tab:orange", "selected": "tab:green", "window": "tab:red"}
+
+
+def _k(seq_len: int) -> str:
+    return f"{seq_len // 1024}k" if seq_len % 1024 == 0 else str(seq_len)
+
+
+def plot_speedup(data: dict[str, Any], config: str, path: Path) -> bool:
+    """Figure-6-style bars of baseline time / NSA time; False (and no file) when nothing to plot."""
+    rows = speedups(data["records"], config)
+    lengths = sorted({r["seq_len"] for r in rows if r["nsa_ms"]})
+    if not lengths:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    width = 0.8 / len(BASELINES)
+    for ax, pass_ in zip(axes, ("fwd", "bwd")):
+        table = {r["seq_len"]: r for r in rows if r["pass"] == pass_}
+        for i, b in enumerate(BASELINES):
+            xs = [k + (i - (len(BASELINES) - 1) / 2) * width for k in range(len(lengths))]
+            ys = [table.get(t, {}).get(f"{b}_speedup") or 0.0 for t in lengths]
+            bars = ax.bar(xs, ys, width, label=LABELS[b])
+            ax.bar_label(bars, labels=[f"{y:.1f}x" if y else "" for y in ys], fontsize=7)
+        paper = PAPER_SPEEDUP[pass_]
+        px = [k for k, t in enumerate(lengths) if t in paper]
+        ax.plot(px, [paper[lengths[k]] for k in px], "k*", label="paper, vs FA2 (A100)")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(lengths)), [_k(t) for t in lengths])
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("speedup of NSA (x)")
+        ax.set_title({"fwd": "forward", "bwd": "backward"}[pass_])
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"NSA vs full attention: {config}, {data['env']['card']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_breakdown(data: dict[str, Any], config: str, path: Path) -> bool:
+    """Each branch's share of the summed branch times (forward and backward panels); above each bar the
+    sum of the branches and the core's measured time, in ms."""
+    recs = [r for r in data["records"] if r["config"] == config and r["impl"] == "nsa"]
+    ms = {(r["seq_len"], r["part"], r["pass"]): r["ms"] for r in recs}
+    lengths = sorted({r["seq_len"] for r in recs if r["part"] in BRANCHES})
+    if not lengths:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, pass_ in zip(axes, ("fwd", "bwd")):
+        times = {part: [ms.get((t, part, pass_), 0.0) for t in lengths] for part in BRANCHES}
+        totals = [sum(times[p][k] for p in BRANCHES) for k in range(len(lengths))]
+        bottom = [0.0] * len(lengths)
+        for part in BRANCHES:
+            share = [100 * y / tot if tot else 0.0 for y, tot in zip(times[part], totals)]
+            ax.bar(range(len(lengths)), share, 0.6, bottom=bottom, label=part, color=COLORS[part])
+            bottom = [b + y for b, y in zip(bottom, share)]
+        for k, t in enumerate(lengths):
+            core = ms.get((t, "core", pass_))
+            text = f"{totals[k]:.3g}" + (f"\ncore {core:.3g}" if core else "")
+            ax.text(k, 101, text, ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, 118)
+        ax.set_xticks(range(len(lengths)), [_k(t) for t in lengths])
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("share of the branch times (%)")
+        ax.set_title({"fwd": "forward (ms above bars)", "bwd": "backward (ms above bars)"}[pass_])
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"NSA time per branch: {config}, {data['env']['card']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def make_plots(data: dict[str, Any], out: Path) -> list[Path]:
+    """Every plot for every config in ``data``; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for cfg in data["configs"]:
+        name = cfg["name"]
+        for stem, fn in (("speedup", plot_speedup), ("breakdown", plot_breakdown)):
+            path = out / f"{stem}_{name}.png"
+            if fn(data, name, path):
+                written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/bench.json"))
+    p.add_argument("--out", type=Path, help="directory for the PNGs (default: the JSON's directory)")
+    args = p.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    for path in make_plots(data, args.out or args.json.parent):
+        print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""MkDocs hooks for the NSA documentation site (loaded through ``hooks:`` in mkdocs.yml).
+
+They keep the site in step with the repository as files come and go, so ``mkdocs build --strict``
+never depends on a hand-kept list:
+
+* **Notebooks.** The jupytext scripts ``notebooks/NN_*.py`` live outside ``docs/``. ``on_files``
+  adds each one as a virtual docs file ``notebooks/NN_*.py`` (backed by the real file, nothing is
+  copied), *before* mkdocs-jupyter turns matching files into notebook pages; ``on_config`` adds a nav
+  entry for each notebook that exists, titled by its first Markdown heading.
+* **API pages.** ``<!-- api-modules: PACKAGE -->`` in a page expands to one ``::: PACKAGE.module``
+  block (mkdocstrings) per public module of that package that imports cleanly on this machine.
+* **Includes.** ``<!-- include: PATH -->`` inserts a Markdown file (PATH relative to ``docs/``), e.g. the
+  tables that ``scripts/make_doc_figures.py`` generates.
+* **Benchmark results.** ``<!-- benchmark-results -->`` expands to the Markdown tables and the PNG plots
+  found in ``benchmarks/results/`` (or to a note that there are none yet); the PNGs are added to the site.
+* **Lists.** ``<!-- notebook-list -->`` expands to a list of the notebooks that exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import sys
+from pathlib import Path
+
+from mkdocs.plugins import event_priority
+from mkdocs.structure.files import File, Files
+
+log = logging.getLogger("mkdocs.hooks.nsa")
+
+NOTEBOOK_GLOB = "[0-9][0-9]_*.py"
+NAV_SECTION = "Notebooks"
+# Modules listed first, in reading order; any other public module follows alphabetically.
+MODULE_ORDER = {
+    "reference": ["config", "masks", "compression", "compressed", "selection", "selected", "window", "nsa",
+                  "layer", "decode", "varlen", "softmax", "testing", "plotting"],
+    "optimized": [],
+}
+_MARKER = re.compile(r"<!--\s*(api-modules|include|benchmark-results|notebook-list)\s*:?\s*([^>]*?)\s*-->")
+_importable: dict[str, bool] = {}
+
+
+def _root(config) -> Path:
+    return Path(config.config_file_path).resolve().parent
+
+
+def _notebooks(config) -> list[Path]:
+    return sorted((_root(config) / "notebooks").glob(NOTEBOOK_GLOB))
+
+
+def _notebook_title(path: Path) -> str:
+    """The first Markdown heading of a jupytext percent script, else a title made from the file name."""
+    in_markdown = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# %%"):
+            in_markdown = "[markdown]" in line or "[md]" in line
+            continue
+        if in_markdown:
+            match = re.match(r"#\s+#{1,2}\s+(.+)", line)
+            if match:
+                return match.group(1).strip()
+    return path.stem.split("_", 1)[-1].replace("_", " ").capitalize()
+
+
+def _results_dir(config) -> Path:
+    return _root(config) / "benchmarks" / "results"
+
+
+# --- nav and files ---------------------------------------------------------------------------------------
+
+
+def on_config(config):
+    entries = [{_notebook_title(p): f"notebooks/{p.name}"} for p in _notebooks(config)]
+    if not entries or config.nav is None:
+        return config
+    for i, item in enumerate(config.nav):
+        if isinstance(item, dict) and NAV_SECTION in item:
+            current = item[NAV_SECTION]
+            overview = current if isinstance(current, list) else [{"Overview": current}]
+            config.nav[i] = {NAV_SECTION: [*overview, *entries]}
+            break
+    else:
+        config.nav.append({NAV_SECTION: entries})
+    return config
+
+
+@event_priority(100)  # before mkdocs-jupyter's on_files, which turns matching files into notebook pages
+def on_files(files: Files, config) -> Files:
+    # Real File objects rooted at the repository (not File.generated): mkdocs-jupyter wraps them and
+    # reads them through src_dir, which a generated file does not have.
+    root = str(_root(config))
+    paths = [p for p in _notebooks(config)]
+    results = _results_dir(config)
+    if results.is_dir():
+        paths += sorted(results.glob("*.png"))
+    for path in paths:
+        src = path.relative_to(root).as_posix()
+        files.append(File(src, src_dir=root, dest_dir=config.site_dir, use_directory_urls=config.use_directory_urls))
+    return files
+
+
+# --- markers ---------------------------------------------------------------------------------------------
+
+
+def _module_importable(name: str) -> bool:
+    if name not in _importable:
+        try:
+            importlib.import_module(name)
+            _importable[name] = True
+        except Exception as exc:  # a module that cannot import here gets no API section (logged, not fatal)
+            log.info("API pages: skipping %s (%s: %s)", name, type(exc).__name__, exc)
+            _importable[name] = False
+    return _importable[name]
+
+
+def _public_modules(config, package: str) -> list[str]:
+    folder = _root(config) / package
+    if not (folder / "__init__.py").is_file():
+        return []
+    names = [p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")]
+    order = MODULE_ORDER.get(package, [])
+    names.sort(key=lambda n: (order.index(n) if n in order else len(order), n))
+    return names
+
+
+def _api_modules(config, package: str) -> str:
+    root = str(_root(config))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    if not _public_modules(config, package) or not _module_importable(package):
+        return (
+            f'!!! note "No API yet"\n    The `{package}` package does not import on the machine that built '
+            "this site yet; its API appears here once it does.\n"
+        )
+    blocks = []
+    for name in _public_modules(config, package):
+        dotted = f"{package}.{name}"
+        if _module_importable(dotted):
+            blocks.append(f"## `{dotted}`\n\n::: {dotted}\n    options:\n      show_root_heading: false\n")
+    return "\n".join(blocks)
+
+
+def _benchmark_results(config, page) -> str:
+    results = _results_dir(config)
+    tables = sorted(results.glob("*.md")) if results.is_dir() else []
+    plots = sorted(results.glob("*.png")) if results.is_dir() else []
+    if not tables and not plots:
+        return (
+            '!!! warning "Not yet measured"\n    `benchmarks/results/` holds no tables or plots yet. '
+            "Run `make bench` on the GPU machine; its Markdown tables and PNG plots appear here.\n"
+        )
+    depth = page.file.src_uri.count("/")
+    prefix = "../" * depth
+    parts = []
+    for path in tables:
+        parts.append(f"### `{path.name}`\n\n{path.read_text(encoding='utf-8').strip()}\n")
+    for path in plots:
+        parts.append(f"![{path.stem}]({prefix}benchmarks/results/{path.name})\n")
+    return "\n".join(parts)
+
+
+def _notebook_list(config, page) -> str:
+    notebooks = _notebooks(config)
+    if not notebooks:
+        return '!!! note "No notebooks yet"\n    The notebooks appear here as they are added to `notebooks/`.\n'
+    depth = page.file.src_uri.count("/")
+    prefix = "../" * depth
+    return "\n".join(
+        f"{k}. [{_notebook_title(p)}]({prefix}notebooks/{p.name}) (`notebooks/{p.name}`)"
+        for k, p in enumerate(notebooks, 1)
+    )
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    docs_dir = Path(config.docs_dir)
+
+    def expand(match: re.Match) -> str:
+        kind, arg = match.group(1), match.group(2).strip()
+        if kind == "api-modules":
+            return _api_modules(config, arg)
+        if kind == "include":
+            return (docs_dir / arg).read_text(encoding="utf-8")
+        if kind == "benchmark-results":
+            return _benchmark_results(config, page)
+        return _notebook_list(config, page)
+
+    return _MARKER.sub(expand, markdown)

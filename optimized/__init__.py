@@ -1,0 +1,27 @@
+"""Native Sparse Attention in Triton: the same public API as ``reference`` (spec section 11), fast kernels.
+
+``optimized`` may import ``reference`` (its config, argument checks and the pure-Python helpers); never
+the reverse.
+"""
+
+from reference.config import NSAConfig
+from reference.decode import decode_tokens_read
+
+from .compressed import compressed_attention
+from .compression import mean_pool
+from .nsa import combine_gates, nsa_attention
+from .selected import selected_attention
+from .selection import select_blocks
+from .window import sliding_window_attention
+
+__all__ = [
+    "NSAConfig",
+    "combine_gates",
+    "compressed_attention",
+    "decode_tokens_read",
+    "mean_pool",
+    "nsa_attention",
+    "select_blocks",
+    "selected_attention",
+    "sliding_window_attention",
+]

@@ -1,0 +1,266 @@
+r"""Shared Triton building blocks: one online-softmax step, its backward, and small launch utilities.
+
+Every attention kernel in ``optimized`` (compressed, sliding window, selected) is the same loop:
+a tile of query rows ``b_q [BM, BK]`` walks over key tiles, and per tile
+
+$$s = \mathrm{scale}\; q k^\top, \qquad m' = \max(m, \max_n s), \qquad
+  l' = l\, e^{m - m'} + \sum_n e^{s - m'}, \qquad acc' = acc\, e^{m - m'} + e^{s - m'} v.$$
+
+The branches differ only in *which* keys a tile visits and in the validity mask ``m_s [BM, BN]``
+(causal, window, visible block, block membership), so the callers build the pointers and the mask and
+the helpers here do the arithmetic. Exponentials use ``exp2`` with $\log_2 e$ folded into the scale
+(``qk_scale = scale * LOG2E``): the running max ``b_m`` is in log2 units, the stored log-sum-exp is in
+natural-log units (the public API's ``lse``).
+
+Rows that see no key keep ``b_m = -inf`` and ``b_l = 0``: :func:`attn_fwd_finish` then writes output 0 and
+lse ``-inf``, and the backward helpers give them zero gradients (never NaN), as spec section 4 asks.
+
+Conventions: K and V tiles are read *transposed*, as pointer blocks ``p_k [BK, BN]`` and ``p_v``
+(``[BN, BV]`` in the forward, ``[BV, BN]`` in the backward), so any key layout works: contiguous rows,
+a window, or the tokens of a gathered selection block (``o_n = block_start + tl.arange(0, BN)``).
+Head dims are padded to powers of two (``BK``, ``BV`` >= 16) and masked on load.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
+
+
+def is_interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_power_of_2(n: int, minimum: int = 16) -> int:
+    """The padded tile size for a dimension of ``n`` (>= ``minimum``; ``tl.dot`` needs K >= 16)."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def autotune_configs(
+    space: dict[str, Iterable[int]],
+    num_warps: Iterable[int] = (4, 8),
+    num_stages: Iterable[int] = (2, 3),
+    interpreter: dict[str, int] | None = None,
+) -> list[triton.Config]:
+    """The cartesian product of ``space`` (meta-parameter -> values) x ``num_warps`` x ``num_stages``.
+
+    Under the interpreter (where ``@triton.autotune`` with several configs fails) it returns one config:
+    ``interpreter`` if given, else the first value of every axis. With the environment variable
+    ``NSA_AUTOTUNE=0`` (read at import) a GPU run also takes one config, the first of the product (list the
+    best default first): quick correctness runs over many shapes then compile each kernel once per shape.
+    E.g. ``autotune_configs({"BM": (128, 64), "BN": (64,)}, interpreter={"BM": 32, "BN": 32})``.
+    """
+    if is_interpreting():
+        first = {name: next(iter(values)) for name, values in space.items()}
+        return [triton.Config(interpreter or first, num_warps=4, num_stages=1)]
+    names = list(space)
+    configs = [
+        triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s)
+        for values in itertools.product(*(space[name] for name in names))
+        for w in num_warps
+        for s in num_stages
+    ]
+    return configs[:1] if os.environ.get("NSA_AUTOTUNE", "1") == "0" else configs
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 ("ieee") for float32 inputs, the default for fp16/bf16."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_kernel_dtype(name: str, x: torch.Tensor) -> None:
+    """The Triton kernels take float16, bfloat16 and float32 (float64 is the reference's job)."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: the optimized kernels take float16, bfloat16 or float32, got {x.dtype}")
+
+
+@triton.jit
+def attn_fwd_step(
+    b_q,
+    p_k,
+    p_v,
+    m_k,
+    m_v,
+    m_s,
+    qk_scale,
+    b_m,
+    b_l,
+    b_acc,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step of a query-row tile over one key tile.
+
+    b_q [BM, BK] query rows (input dtype); p_k [BK, BN] pointers to K^T, p_v [BN, BV] pointers to V;
+    m_k / m_v load masks broadcastable to [BK, BN] / [BN, BV] (out-of-range keys and padded dims);
+    m_s [BM, BN] bool: row attends key; qk_scale = scale * LOG2E.
+    b_m [BM] running max (log2 units, start at -inf), b_l [BM] running sum (start 0),
+    b_acc [BM, BV] fp32 (start 0). Returns the updated (b_m, b_l, b_acc).
+    """
+    b_k = tl.load(p_k, mask=m_k, other=0.0)  # [BK, BN]
+    b_v = tl.load(p_v, mask=m_v, other=0.0)  # [BN, BV]
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+    b_s = tl.where(m_s, b_s, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BM]
+    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with nothing seen yet
+    b_alpha = tl.exp2(b_m - b_m_safe)  # [BM]
+    b_p = tl.exp2(b_s - b_m_safe[:, None])  # [BM, BN], 0 where masked
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return b_m_new, b_l, b_acc
+
+
+@triton.jit
+def attn_fwd_finish(b_m, b_l, b_acc):
+    """Normalise: returns b_o [BM, BV] fp32 (0 for rows that saw no key) and b_lse [BM] (natural log, -inf there)."""
+    m_seen = b_l > 0
+    b_l_safe = tl.where(m_seen, b_l, 1.0)
+    b_o = b_acc / b_l_safe[:, None]
+    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("-inf"))
+    return b_o, b_lse
+
+
+@triton.jit
+def attn_bwd_probs(
+    b_q,
+    b_do,
+    b_k,
+    b_v,
+    b_lse2,
+    b_delta,
+    m_s,
+    qk_scale,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Recompute the probabilities and the score gradient of one (query rows, key tile) pair.
+
+    b_q [BM, BK], b_do [BM, BV] (input dtype); b_k [BK, BN] = K^T, b_v [BV, BN] = V^T;
+    b_lse2 [BM] = lse * LOG2E (fp32, -inf allowed: such rows must have m_s all False);
+    b_delta [BM] = rowsum(o * do) - dlse (see :func:`attn_bwd_preprocess`); m_s [BM, BN] bool.
+    Returns b_p [BM, BN] fp32 and b_ds [BM, BN] fp32 = p * (do v^T - delta), the gradient of the
+    *unscaled* scores divided by ``scale``: callers multiply dq and dk by ``scale`` once at the end.
+    """
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+    b_p = tl.where(m_s, tl.exp2(b_s - b_lse2[:, None]), 0.0)  # [BM, BN]
+    b_dp = tl.dot(b_do, b_v, input_precision=DOT_PRECISION)  # [BM, BN]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_p, b_ds
+
+
+@triton.jit
+def attn_bwd_dq_step(
+    b_q,
+    b_do,
+    b_lse2,
+    b_delta,
+    p_k,
+    p_v,
+    m_k,
+    m_v,
+    m_s,
+    qk_scale,
+    b_dq,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq accumulation over one key tile: ``b_dq [BM, BK] += ds @ k`` (fp32, multiply by scale at the end).
+
+    b_q [BM, BK], b_do [BM, BV], b_lse2 [BM], b_delta [BM] as in :func:`attn_bwd_probs`;
+    p_k [BK, BN] pointers to K^T, p_v [BV, BN] pointers to V^T, with load masks m_k / m_v; m_s [BM, BN].
+    """
+    b_k = tl.load(p_k, mask=m_k, other=0.0)  # [BK, BN]
+    b_v = tl.load(p_v, mask=m_v, other=0.0)  # [BV, BN]
+    _, b_ds = attn_bwd_probs(b_q, b_do, b_k, b_v, b_lse2, b_delta, m_s, qk_scale, DOT_PRECISION)
+    b_dq += tl.dot(b_ds.to(b_k.dtype), tl.trans(b_k), input_precision=DOT_PRECISION)  # [BM, BK]
+    return b_dq
+
+
+@triton.jit
+def attn_bwd_dkv_step(
+    b_k,
+    b_v,
+    p_q,
+    p_do,
+    p_lse,
+    p_delta,
+    m_q,
+    m_do,
+    m_r,
+    m_s,
+    qk_scale,
+    b_dk,
+    b_dv,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dk/dv accumulation of one resident key tile over one tile of query rows.
+
+    b_k [BK, BN] = K^T, b_v [BV, BN] = V^T (loaded once by the caller); p_q [BM, BK], p_do [BM, BV]
+    pointers with load masks m_q / m_do; p_lse / p_delta [BM] pointers to lse (natural log) and delta,
+    m_r [BM] row mask; m_s [BM, BN]. b_dk [BN, BK] += ds^T q (multiply by scale at the end),
+    b_dv [BN, BV] += p^T do, both fp32. Returns (b_dk, b_dv).
+    """
+    b_q = tl.load(p_q, mask=m_q, other=0.0)  # [BM, BK]
+    b_do = tl.load(p_do, mask=m_do, other=0.0)  # [BM, BV]
+    b_lse2 = tl.load(p_lse, mask=m_r, other=0.0) * 1.4426950408889634  # [BM]
+    b_delta = tl.load(p_delta, mask=m_r, other=0.0)  # [BM]
+    b_p, b_ds = attn_bwd_probs(b_q, b_do, b_k, b_v, b_lse2, b_delta, m_s, qk_scale, DOT_PRECISION)
+    b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [BN, BV]
+    b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [BN, BK]
+    return b_dk, b_dv
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    o,
+    do,
+    dlse,
+    delta,
+    N,
+    DV: tl.constexpr,
+    BR: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    """delta[r] = sum_d o[r, d] * do[r, d] - dlse[r] over N rows of a contiguous [N, DV] pair."""
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # [BR]
+    o_v = tl.arange(0, BV)
+    m_r = o_r < N
+    m_rv = m_r[:, None] & (o_v[None, :] < DV)  # [BR, BV]
+    p_offs = o_r[:, None] * DV + o_v[None, :]
+    b_o = tl.load(o + p_offs, mask=m_rv, other=0.0).to(tl.float32)
+    b_do = tl.load(do + p_offs, mask=m_rv, other=0.0).to(tl.float32)
+    b_delta = tl.sum(b_o * b_do, 1)  # [BR]
+    if HAS_DLSE:
+        b_delta -= tl.load(dlse + o_r, mask=m_r, other=0.0)
+    tl.store(delta + o_r, b_delta, mask=m_r)
+
+
+def attn_bwd_preprocess(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None = None) -> torch.Tensor:
+    """delta = rowsum(o * do) - dlse, fp32 of shape o.shape[:-1] (e.g. [B, T, HQ]).
+
+    The softmax backward needs it per query row: ds = p * (dp - delta). ``dlse`` (the gradient of a
+    returned log-sum-exp, fp32 o.shape[:-1]) adds ``p * dlse`` to ds, hence the minus sign.
+    """
+    DV = o.shape[-1]
+    o, do = o.contiguous(), do.contiguous()
+    N = o.numel() // max(DV, 1)
+    delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
+    if N == 0:
+        return delta
+    BV = next_power_of_2(DV)
+    BR = max(1, min(64, 4096 // BV)) if not is_interpreting() else 64
+    dlse_arg = dlse.contiguous().float() if dlse is not None else delta
+    attn_bwd_preprocess_kernel[(triton.cdiv(N, BR),)](
+        o, do, dlse_arg, delta, N, DV=DV, BR=BR, BV=BV, HAS_DLSE=dlse is not None
+    )
+    return delta

@@ -1,0 +1,421 @@
+r"""Interval attention: the Triton kernels behind compressed attention and the sliding window.
+
+Both branches are the same problem: query token $t$ attends to one contiguous interval of keys
+$[\mathrm{lo}_t, \mathrm{hi}_t)$, and both ends grow with $t$:
+
+* sliding window: $\mathrm{lo}_t = \max(t - w + 1, \mathrm{start}_t)$, $\mathrm{hi}_t = t + 1$ (keys are tokens);
+* compressed: $\mathrm{lo}_t$ = the sequence's first compressed block, $\mathrm{hi}_t = \mathrm{lo}_t + n_t$
+  (keys are the compressed blocks, $n_t$ the visible ones, spec section 3).
+
+The callers (``window.py``, ``compressed.py``) build these intervals once per call as int32 tensors
+with plain torch ops (``cu_seqlens`` included: a packed batch only moves the interval ends), plus the
+inverse intervals $[\mathrm{first}_s, \mathrm{last}_s)$ of the queries that see key $s$ for the dk/dv pass.
+
+GQA layout: for kv head $h$ the $G$ query heads of its group and the positions are flattened into
+*rows* $r = t G + g$ (contiguous in ``q [B, T, HQ, DK]``), and a tile holds ``BM`` consecutive rows: all
+$G$ heads of ``BM / G`` positions share one pass over the key tiles, so each K/V tile is loaded once
+per group, and the tile's key range (of about $w + BM / G$ keys for the window) is tight.
+
+* forward: grid (row tiles, B * H); loop over the key tiles in $[\mathrm{lo}_{t_0}, \mathrm{hi}_{t_1})$.
+* backward: ``delta = rowsum(o * do) - dlse`` (``_common``), then a dq kernel with the forward's grid and
+  loop, and a dk/dv kernel on grid (key tiles, B * H) looping over the rows of the queries that see the
+  tile, $[\mathrm{first}_{s_0} G, \mathrm{last}_{s_1} G)$; every program owns its outputs (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LOG2E,
+    attn_bwd_dkv_step,
+    attn_bwd_dq_step,
+    attn_bwd_preprocess,
+    attn_fwd_finish,
+    attn_fwd_step,
+    autotune_configs,
+    dot_precision,
+    next_power_of_2,
+)
+
+_TUNE_KEY = ["G", "BK", "BV"]
+
+
+@triton.autotune(
+    configs=autotune_configs(
+        {"BM": (128, 64), "BN": (64, 128)}, num_warps=(8, 4), num_stages=(3, 2), interpreter={"BM": 32, "BN": 32}
+    ),
+    key=_TUNE_KEY,
+)
+@triton.jit
+def interval_fwd_kernel(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    q_lo,
+    q_hi,
+    scale,
+    T,
+    S,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """o [B, T, HQ, DV] and lse [B, T, HQ] for one tile of BM rows (t, g) of kv head h."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    HQ: tl.constexpr = H * G
+    qk_scale = scale * LOG2E
+    o_r = i_m * BM + tl.arange(0, BM)  # [BM] rows t * G + g
+    m_r = o_r < T * G
+    o_t = o_r // G
+    o_row = (i_b * T + o_t) * HQ + i_h * G + o_r % G  # [BM] int64 index into [B, T, HQ]
+    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
+    m_dk, m_dv = o_k < DK, o_v < DV
+
+    b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_r[:, None] & m_dk[None, :], other=0.0)  # [BM, BK]
+    b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)  # [BM]
+    b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)  # [BM]: padded rows see nothing
+    s_lo = tl.load(q_lo + (i_m * BM) // G)  # intervals grow with t: the tile's key range
+    s_hi = tl.load(q_hi + (tl.minimum(i_m * BM + BM, T * G) - 1) // G)
+
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, BV], dtype=tl.float32)
+    for s0 in range(s_lo, s_hi, BN):
+        o_s = s0 + o_n  # [BN]
+        m_n = o_s < s_hi
+        o_key = (i_b * S + o_s) * H + i_h  # [BN] int64 index into [B, S, H]
+        p_k = k + o_key[None, :] * DK + o_k[:, None]  # [BK, BN]
+        p_v = v + o_key[:, None] * DV + o_v[None, :]  # [BN, BV]
+        m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
+        b_m, b_l, b_acc = attn_fwd_step(
+            b_q,
+            p_k,
+            p_v,
+            m_dk[:, None] & m_n[None, :],
+            m_n[:, None] & m_dv[None, :],
+            m_s,
+            qk_scale,
+            b_m,
+            b_l,
+            b_acc,
+            DOT_PRECISION,
+        )
+    b_o, b_lse = attn_fwd_finish(b_m, b_l, b_acc)
+    tl.store(o + o_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])
+    tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+@triton.autotune(
+    configs=autotune_configs(
+        {"BM": (64, 128), "BN": (64, 32)}, num_warps=(8, 4), num_stages=(2, 3), interpreter={"BM": 32, "BN": 32}
+    ),
+    key=_TUNE_KEY,
+)
+@triton.jit
+def interval_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dq,
+    q_lo,
+    q_hi,
+    scale,
+    T,
+    S,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """dq [B, T, HQ, DK] for one tile of BM rows: the forward's grid and key loop."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    HQ: tl.constexpr = H * G
+    qk_scale = scale * LOG2E
+    o_r = i_m * BM + tl.arange(0, BM)  # [BM]
+    m_r = o_r < T * G
+    o_t = o_r // G
+    o_row = (i_b * T + o_t) * HQ + i_h * G + o_r % G  # [BM] int64
+    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
+    m_dk, m_dv = o_k < DK, o_v < DV
+    m_rk, m_rv = m_r[:, None] & m_dk[None, :], m_r[:, None] & m_dv[None, :]
+
+    b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_rk, other=0.0)  # [BM, BK]
+    b_do = tl.load(do + o_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.0)  # [BM, BV]
+    b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.0) * LOG2E  # [BM]
+    b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)  # [BM]
+    b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)
+    b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)
+    s_lo = tl.load(q_lo + (i_m * BM) // G)
+    s_hi = tl.load(q_hi + (tl.minimum(i_m * BM + BM, T * G) - 1) // G)
+
+    b_dq = tl.zeros([BM, BK], dtype=tl.float32)
+    for s0 in range(s_lo, s_hi, BN):
+        o_s = s0 + o_n  # [BN]
+        m_n = o_s < s_hi
+        o_key = (i_b * S + o_s) * H + i_h  # [BN] int64
+        m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
+        b_dq = attn_bwd_dq_step(
+            b_q,
+            b_do,
+            b_lse2,
+            b_delta,
+            k + o_key[None, :] * DK + o_k[:, None],  # [BK, BN]
+            v + o_key[None, :] * DV + o_v[:, None],  # [BV, BN]
+            m_dk[:, None] & m_n[None, :],
+            m_dv[:, None] & m_n[None, :],
+            m_s,
+            qk_scale,
+            b_dq,
+            DOT_PRECISION,
+        )
+    tl.store(dq + o_row[:, None] * DK + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rk)
+
+
+@triton.autotune(
+    configs=autotune_configs(
+        {"BN": (64, 128), "BM": (64, 32)}, num_warps=(8, 4), num_stages=(2, 3), interpreter={"BN": 32, "BM": 32}
+    ),
+    key=_TUNE_KEY,
+)
+@triton.jit
+def interval_bwd_dkv_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dk,
+    dv,
+    q_lo,
+    q_hi,
+    k_first,
+    k_last,
+    scale,
+    T,
+    S,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BN: tl.constexpr,
+    BM: tl.constexpr,
+):
+    """dk [B, S, H, DK], dv [B, S, H, DV] for one tile of BN keys, summed over the G heads of the group."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    HQ: tl.constexpr = H * G
+    qk_scale = scale * LOG2E
+    o_s = i_n * BN + tl.arange(0, BN)  # [BN]
+    m_n = o_s < S
+    o_key = (i_b * S + o_s) * H + i_h  # [BN] int64
+    o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
+    m_dk, m_dv = o_k < DK, o_v < DV
+
+    b_k = tl.load(k + o_key[None, :] * DK + o_k[:, None], mask=m_dk[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+    b_v = tl.load(v + o_key[None, :] * DV + o_v[:, None], mask=m_dv[:, None] & m_n[None, :], other=0.0)  # [BV, BN]
+    r_lo = tl.load(k_first + i_n * BN) * G  # the rows of the queries that see any key of the tile
+    r_hi = tl.load(k_last + tl.minimum(i_n * BN + BN, S) - 1) * G
+
+    b_dk = tl.zeros([BN, BK], dtype=tl.float32)
+    b_dv = tl.zeros([BN, BV], dtype=tl.float32)
+    for r0 in range(r_lo, r_hi, BM):
+        o_r = r0 + o_m  # [BM]
+        m_r = o_r < r_hi
+        o_t = o_r // G
+        o_row = (i_b * T + o_t) * HQ + i_h * G + o_r % G  # [BM] int64
+        b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)
+        b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)
+        m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
+        b_dk, b_dv = attn_bwd_dkv_step(
+            b_k,
+            b_v,
+            q + o_row[:, None] * DK + o_k[None, :],  # [BM, BK]
+            do + o_row[:, None] * DV + o_v[None, :],  # [BM, BV]
+            lse + o_row,
+            delta + o_row,
+            m_r[:, None] & m_dk[None, :],
+            m_r[:, None] & m_dv[None, :],
+            m_r,
+            m_s,
+            qk_scale,
+            b_dk,
+            b_dv,
+            DOT_PRECISION,
+        )
+    tl.store(
+        dk + o_key[:, None] * DK + o_k[None, :],
+        (b_dk * scale).to(dk.dtype.element_ty),
+        mask=m_n[:, None] & m_dk[None, :],
+    )
+    tl.store(dv + o_key[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_n[:, None] & m_dv[None, :])
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, object]:
+    """The compile-time shape arguments shared by the three kernels."""
+    HQ, DK, H, DV = q.shape[2], q.shape[3], k.shape[2], v.shape[3]
+    return dict(
+        H=H,
+        G=HQ // H,
+        DK=DK,
+        DV=DV,
+        BK=next_power_of_2(DK),
+        BV=next_power_of_2(DV),
+        DOT_PRECISION=dot_precision(q.dtype),
+    )
+
+
+@torch.library.custom_op("nsa::interval_attention_fwd", mutates_args=())
+def interval_attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lo: torch.Tensor, q_hi: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, HQ, DK], k [B, S, H, DK], v [B, S, H, DV], q_lo/q_hi int32 [T].
+
+    Returns o [B, T, HQ, DV] (q's dtype) and lse [B, T, HQ] fp32 (natural log, -inf for empty intervals).
+    """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, HQ, _ = q.shape
+    S, H = k.shape[1], k.shape[2]
+    o = torch.empty(B, T, HQ, v.shape[3], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+    G = HQ // H
+    grid = lambda meta: (triton.cdiv(T * G, meta["BM"]), B * H)
+    interval_fwd_kernel[grid](q, k, v, o, lse, q_lo, q_hi, scale, T, S, **_meta(q, k, v))
+    return o, lse
+
+
+@interval_attention_fwd.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lo: torch.Tensor, q_hi: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::interval_attention_bwd", mutates_args=())
+def interval_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q_lo: torch.Tensor,
+    q_hi: torch.Tensor,
+    k_first: torch.Tensor,
+    k_last: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of interval attention; dlse [B, T, HQ] is the gradient of lse (or None).
+
+    k_first/k_last int32 [S]: the queries that see key s are [k_first[s], k_last[s]).
+    """
+    q, k, v, do, lse = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), lse.contiguous()
+    B, T, HQ, _ = q.shape
+    S, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    meta = _meta(q, k, v)
+    delta = attn_bwd_preprocess(o, do, dlse)  # [B, T, HQ]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    grid_q = lambda meta: (triton.cdiv(T * G, meta["BM"]), B * H)
+    interval_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, q_lo, q_hi, scale, T, S, **meta)
+    if S > 0:
+        grid_k = lambda meta: (triton.cdiv(S, meta["BN"]), B * H)
+        interval_bwd_dkv_kernel[grid_k](
+            q, k, v, do, lse, delta, dk, dv, q_lo, q_hi, k_first, k_last, scale, T, S, **meta
+        )
+    return dq, dk, dv
+
+
+@interval_attention_bwd.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q_lo: torch.Tensor,
+    q_hi: torch.Tensor,
+    k_first: torch.Tensor,
+    k_last: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class IntervalAttention(torch.autograd.Function):
+    """Differentiable interval attention over the custom ops (so torch.compile traces it whole)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q_lo, q_hi, k_first, k_last = bounds
+        o, lse = torch.ops.nsa.interval_attention_fwd(q, k, v, q_lo, q_hi, scale)
+        ctx.save_for_backward(q, k, v, o, lse, q_lo, q_hi, k_first, k_last)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)
+        return o, lse
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor | None, dlse: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, o, lse, q_lo, q_hi, k_first, k_last = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = torch.ops.nsa.interval_attention_bwd(
+            q, k, v, o, lse, do, dlse, q_lo, q_hi, k_first, k_last, ctx.scale
+        )
+        return dq, dk, dv, None, None
+
+
+def token_sequences(T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(cu, t, seq): int64 sequence bounds [N + 1] (``[0, T]`` without ``cu_seqlens``), tokens [T], and
+    the sequence of each token [T]; token t's sequence is ``[cu[seq[t]], cu[seq[t] + 1])``."""
+    t = torch.arange(T, device=device)
+    if cu_seqlens is None:
+        cu = torch.tensor([0, T], device=device)
+    else:
+        cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    seq = torch.searchsorted(cu[1:], t, right=True)  # [T]
+    return cu, t, seq
+
+
+def as_bounds(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """int32 contiguous copies, the layout the kernels read."""
+    return tuple(x.to(torch.int32).contiguous() for x in xs)

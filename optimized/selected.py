@@ -1,0 +1,536 @@
+r"""Selected attention (paper Eq. 12, spec section 7): group-centric Triton kernels, forward and backward.
+
+**Rows.** As in the other branches, the ``G`` query heads of kv head ``h`` and the positions are flattened
+into rows ``r = t G + g`` (``q`` is ``[T, HQ, DK]``, so a group's heads are adjacent), and a program owns
+``BM`` consecutive rows of one sequence: all ``G`` heads of ``BM / G`` positions (paper section 3.4: the
+heads of a group share their blocks, so each K/V block is loaded once for all of them). ``BM = 16``, the
+smallest tensor-core tile, so ``G = 16`` gives one position per program (the paper's kernel) and a small
+group fills the tile with neighbouring positions instead of padding (``G = 4``: 4 positions).
+
+**Forward** (grid: row tiles x H). The rows' block lists ``[BM, n]`` are loaded once; the program visits
+the *union* of the tile's blocks in ascending order (``next = min(idx > current)``, one short reduction a
+step) and runs the shared online-softmax step (``_common.attn_fwd_step``) over each block's ``l'`` keys
+with the mask "this row's position selected the block, and ``s <= t``". Waste: a block selected by only
+some of the tile's positions is computed (and masked) for all rows. With ``G >= 16`` there is none; with
+smaller groups the union of ``16 / G`` positions' lists is between ``n`` blocks (neighbours agree, as in
+trained models where the forced local blocks and the scores are shared) and ``16 / G`` times ``n``
+(independent random scores): the tensor-core work per position is then what a padded one-position tile
+would cost, and every union block is still loaded once per tile. The branch is bound by memory traffic
+(``G`` rows of ``2 D`` flops per loaded key element), so shared loads are what counts.
+
+**Backward.** ``delta = rowsum(o * do)`` (``_common``); dq with the forward's grid and union loop
+(``attn_bwd_dq_step``). dK/dV are *inverted*: for each kv head and block, the list of query positions that
+selected it, built with one stable sort of the ``T H n`` (key = head, global block) pairs in PyTorch (no host
+sync). Long lists (the initial and local blocks are chosen by every query) are cut into chunks of ``CH``
+positions so no program serialises a whole sequence; each chunk program keeps its block's K/V resident,
+walks its positions' ``G`` heads in tiles of rows (``attn_bwd_dkv_step``) and adds its partial dK/dV into
+a float32 buffer with one atomic add per element: a block with ``c`` chunks sees ``c`` adds
+(``c <= T / CH``), never a per-query atomic.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from reference._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
+from reference.config import NSAConfig
+from reference.selected import check_block_idx
+
+from ._common import (
+    LOG2E,
+    attn_bwd_dkv_step,
+    attn_bwd_dq_step,
+    attn_bwd_preprocess,
+    attn_fwd_finish,
+    attn_fwd_step,
+    autotune_configs,
+    check_kernel_dtype,
+    dot_precision,
+    is_interpreting,
+    next_power_of_2,
+)
+from ._sparse import sequence_lengths, sequence_tiles
+
+BIG = 1 << 30  # past every block index: "no further block"
+_TUNE_KEY = ["G", "BK", "BV", "BN"]
+
+
+@triton.jit
+def _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G: tl.constexpr, N, BM, NP):
+    """The tile's rows: packed positions o_t [BM], query rows o_row [BM] (into [TT, HQ]), row mask, and block lists."""
+    i_seq = tl.load(tile_seq + i_tile)
+    eos = tl.load(cu_seqlens + i_seq + 1)
+    bos = tl.load(cu_seqlens + i_seq)
+    o_r = tl.load(tile_start + i_tile).to(tl.int64) + tl.arange(0, BM)  # [BM] packed rows t * G + g
+    m_r = o_r < eos.to(tl.int64) * G
+    o_t = o_r // G
+    o_row = o_t * (H * G) + i_h * G + o_r % G  # [BM] int64 index into [TT, HQ]
+    p_idx = block_idx + (o_t * H + i_h)[:, None] * N + tl.arange(0, NP)[None, :]
+    b_idx = tl.load(p_idx, mask=m_r[:, None] & (tl.arange(0, NP) < N)[None, :], other=-1)  # [BM, NP]
+    b_idx = tl.where(b_idx >= 0, b_idx, BIG)
+    return bos, o_t, o_row, m_r, b_idx
+
+
+@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(2, 3)), key=_TUNE_KEY)
+@triton.jit
+def selected_fwd_kernel(
+    q,  # [TT, HQ, DK]
+    k,  # [TT, H, DK]
+    v,  # [TT, H, DV]
+    block_idx,  # [TT, H, N] int32, -1 padded, counted from each sequence's first token
+    o,  # [TT, HQ, DV]
+    lse,  # [TT, HQ] float32
+    cu_seqlens,
+    tile_seq,
+    tile_start,
+    scale,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    LS: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BN: tl.constexpr,
+    NP: tl.constexpr,
+    BM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """o and lse of one tile of BM rows (positions x the group's heads) over the union of their blocks."""
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    bos, o_t, o_row, m_r, b_idx = _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G, N, BM, NP)
+    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
+    m_dk, m_dv = o_k < DK, o_v < DV
+    qk_scale = scale * LOG2E
+    b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_r[:, None] & m_dk[None, :], other=0.0)  # [BM, BK]
+
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, BV], dtype=tl.float32)
+    i_blk = tl.min(tl.min(b_idx, axis=1), axis=0)  # the union of the rows' blocks, ascending
+    while i_blk < BIG:
+        m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM] rows whose position selected it
+        o_s = bos + i_blk * LS + o_n  # [BN] packed keys of the block
+        m_n = o_n < LS
+        o_key = o_s.to(tl.int64) * H + i_h  # [BN] index into [TT, H]
+        m_s = m_row[:, None] & m_n[None, :] & (o_s[None, :] <= o_t[:, None])  # [BM, BN] causal: s <= t
+        m_n &= o_s <= tl.max(tl.where(m_r, o_t, 0), axis=0)  # never load past the tile's last position
+        b_m, b_l, b_acc = attn_fwd_step(
+            b_q,
+            k + o_key[None, :] * DK + o_k[:, None],  # [BK, BN]
+            v + o_key[:, None] * DV + o_v[None, :],  # [BN, BV]
+            m_dk[:, None] & m_n[None, :],
+            m_n[:, None] & m_dv[None, :],
+            m_s,
+            qk_scale,
+            b_m,
+            b_l,
+            b_acc,
+            DOT_PRECISION,
+        )
+        i_blk = tl.min(tl.min(tl.where(b_idx > i_blk, b_idx, BIG), axis=1), axis=0)
+    b_o, b_lse = attn_fwd_finish(b_m, b_l, b_acc)
+    tl.store(o + o_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])
+    tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(2, 3)), key=_TUNE_KEY)
+@triton.jit
+def selected_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    block_idx,
+    dq,  # [TT, HQ, DK]
+    cu_seqlens,
+    tile_seq,
+    tile_start,
+    scale,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    LS: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BN: tl.constexpr,
+    NP: tl.constexpr,
+    BM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq of one tile of BM rows: the forward's grid and union loop."""
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    bos, o_t, o_row, m_r, b_idx = _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G, N, BM, NP)
+    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
+    m_dk, m_dv = o_k < DK, o_v < DV
+    m_rk, m_rv = m_r[:, None] & m_dk[None, :], m_r[:, None] & m_dv[None, :]
+    qk_scale = scale * LOG2E
+    b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_rk, other=0.0)  # [BM, BK]
+    b_do = tl.load(do + o_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.0)  # [BM, BV]
+    b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.0) * LOG2E  # [BM]
+    b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)  # [BM]
+
+    b_dq = tl.zeros([BM, BK], dtype=tl.float32)
+    i_blk = tl.min(tl.min(b_idx, axis=1), axis=0)
+    while i_blk < BIG:
+        m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM]
+        o_s = bos + i_blk * LS + o_n  # [BN]
+        m_n = o_n < LS
+        o_key = o_s.to(tl.int64) * H + i_h  # [BN]
+        m_s = m_row[:, None] & m_n[None, :] & (o_s[None, :] <= o_t[:, None])  # [BM, BN]
+        m_n &= o_s <= tl.max(tl.where(m_r, o_t, 0), axis=0)
+        b_dq = attn_bwd_dq_step(
+            b_q,
+            b_do,
+            b_lse2,
+            b_delta,
+            k + o_key[None, :] * DK + o_k[:, None],  # [BK, BN]
+            v + o_key[None, :] * DV + o_v[:, None],  # [BV, BN]
+            m_dk[:, None] & m_n[None, :],
+            m_dv[:, None] & m_n[None, :],
+            m_s,
+            qk_scale,
+            b_dq,
+            DOT_PRECISION,
+        )
+        i_blk = tl.min(tl.min(tl.where(b_idx > i_blk, b_idx, BIG), axis=1), axis=0)
+    tl.store(dq + o_row[:, None] * DK + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rk)
+
+
+@triton.autotune(
+    configs=autotune_configs({}, num_warps=(4, 8), num_stages=(2,)), key=_TUNE_KEY, reset_to_zero=["dk", "dv"]
+)
+@triton.jit
+def selected_bwd_dkv_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dk,  # [TT, H, DK] float32, zeroed: chunks add into it
+    dv,  # [TT, H, DV] float32, zeroed
+    work_key,  # [W] int32: kv head * NB + global block of each chunk
+    work_start,  # [W] int32: the chunk's first entry in `query_of`
+    work_end,  # [W] int32: one past its last (<= start for an empty chunk)
+    query_of,  # [TT * H * N] int32: packed query positions, grouped by (head, block), ascending inside
+    block_start,  # [NB] int32: first packed token of every global block
+    block_end,  # [NB] int32: one past its last (the sequence may end inside it)
+    scale,
+    NB,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    LS: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BN: tl.constexpr,
+    BM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Partial dk, dv of one selected block from one chunk of the queries that selected it (all G heads)."""
+    i_w = tl.program_id(0)
+    e0, e1 = tl.load(work_start + i_w), tl.load(work_end + i_w)
+    if e0 < e1:
+        i_key = tl.load(work_key + i_w)
+        i_h, i_blk = i_key // NB, i_key % NB
+        s0, s1 = tl.load(block_start + i_blk), tl.load(block_end + i_blk)
+        HQ: tl.constexpr = H * G
+        qk_scale = scale * LOG2E
+        o_k, o_v, o_n, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN), tl.arange(0, BM)
+        m_dk, m_dv = o_k < DK, o_v < DV
+        o_s = s0 + o_n  # [BN] packed keys
+        m_n = o_s < s1
+        o_key = o_s.to(tl.int64) * H + i_h  # [BN]
+        b_k = tl.load(k + o_key[None, :] * DK + o_k[:, None], mask=m_dk[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+        b_v = tl.load(v + o_key[None, :] * DV + o_v[:, None], mask=m_dv[:, None] & m_n[None, :], other=0.0)  # [BV, BN]
+        b_dk = tl.zeros([BN, BK], dtype=tl.float32)
+        b_dv = tl.zeros([BN, BV], dtype=tl.float32)
+        for r0 in range(0, (e1 - e0) * G, BM):
+            o_r = r0 + o_m  # [BM] rows (entry, head) of the chunk
+            m_r = o_r < (e1 - e0) * G
+            o_t = tl.load(query_of + e0 + o_r // G, mask=m_r, other=0)  # [BM] packed query positions
+            o_row = o_t.to(tl.int64) * HQ + i_h * G + o_r % G  # [BM] index into [TT, HQ]
+            m_s = m_r[:, None] & m_n[None, :] & (o_s[None, :] <= o_t[:, None])  # [BM, BN]
+            b_dk, b_dv = attn_bwd_dkv_step(
+                b_k,
+                b_v,
+                q + o_row[:, None] * DK + o_k[None, :],  # [BM, BK]
+                do + o_row[:, None] * DV + o_v[None, :],  # [BM, BV]
+                lse + o_row,
+                delta + o_row,
+                m_r[:, None] & m_dk[None, :],
+                m_r[:, None] & m_dv[None, :],
+                m_r,
+                m_s,
+                qk_scale,
+                b_dk,
+                b_dv,
+                DOT_PRECISION,
+            )
+        tl.atomic_add(dk + o_key[:, None] * DK + o_k[None, :], b_dk * scale, mask=m_n[:, None] & m_dk[None, :])
+        tl.atomic_add(dv + o_key[:, None] * DV + o_v[None, :], b_dv, mask=m_n[:, None] & m_dv[None, :])
+
+
+def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select_block: int) -> dict[str, object]:
+    HQ, DK, H, DV = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+    return dict(
+        H=H,
+        G=HQ // H,
+        LS=select_block,
+        DK=DK,
+        DV=DV,
+        BK=next_power_of_2(DK),
+        BV=next_power_of_2(DV),
+        BN=next_power_of_2(select_block),
+        DOT_PRECISION=dot_precision(q.dtype),
+    )
+
+
+def _packed(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """[B, T, ...] -> contiguous [B * T, ...]: a dense batch is B packed sequences."""
+    return [x.contiguous().view(x.shape[0] * x.shape[1], *x.shape[2:]) for x in xs]
+
+
+def _row_tiles(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, config: NSAConfig) -> tuple:
+    B, T, HQ, _ = q.shape
+    BM = 16
+    cu, _, tile_seq, tile_start = sequence_tiles(
+        sequence_lengths(B, T, cu_seqlens), config, BM, HQ // k.shape[2], q.device
+    )
+    return cu, tile_seq, tile_start, BM
+
+
+def selected_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, n] -> o [B, T, HQ, DV], lse fp32."""
+    B, T, HQ, _ = q.shape
+    H, DV, N = k.shape[2], v.shape[3], block_idx.shape[3]
+    cu, tile_seq, tile_start, BM = _row_tiles(q, k, cu_seqlens, config)
+    q2, k2, v2, idx2 = _packed(q, k, v, block_idx.to(torch.int32))
+    o = torch.empty(B * T, HQ, DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B * T, HQ, dtype=torch.float32, device=q.device)
+    selected_fwd_kernel[(tile_seq.numel(), H)](
+        q2, k2, v2, idx2, o, lse, cu, tile_seq, tile_start, scale,
+        N=N, NP=next_power_of_2(N, 2), BM=BM, **_meta(q, k, v, config.select_block),
+    )  # fmt: skip
+    return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
+
+
+def invert_blocks(
+    block_idx: torch.Tensor, lengths: list[int], select_block: int, chunk: int
+) -> tuple[torch.Tensor, ...]:
+    """For every (kv head, block): the packed query positions that selected it, cut into chunks of ``chunk``.
+
+    block_idx [TT, H, n] int32 (per-sequence block numbers, -1 = none). Blocks are numbered globally
+    (sequence after sequence, NB in all). One stable sort on the device, no host sync. Returns
+    (work_key, work_start, work_end) [W] with W an upper bound (extra chunks are empty), query_of
+    [TT * H * n], block_start [NB], block_end [NB], all int32, and NB.
+    """
+    device = block_idx.device
+    TT, H, N = block_idx.shape
+    n_blocks = [-(-length // select_block) for length in lengths]
+    NB = sum(n_blocks)
+    seq_first_block = torch.tensor([sum(n_blocks[:s]) for s in range(len(lengths))], dtype=torch.int64)
+    seq_first_token = torch.tensor([sum(lengths[:s]) for s in range(len(lengths))], dtype=torch.int64)
+    block_seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(n_blocks))  # [NB]
+    local = torch.arange(NB) - seq_first_block[block_seq]
+    block_start = seq_first_token[block_seq] + local * select_block
+    block_end = torch.minimum(block_start + select_block, seq_first_token[block_seq] + torch.tensor(lengths)[block_seq])
+    token_block0 = torch.repeat_interleave(seq_first_block, torch.tensor(lengths)).to(device)  # [TT]
+
+    idx = block_idx.long()
+    heads = torch.arange(H, device=device)[None, :, None]
+    key = torch.where(idx >= 0, heads * NB + token_block0[:, None, None] + idx, H * NB).flatten()  # [TT * H * n]
+    order = torch.sort(key, stable=True).indices
+    query_of = (order // (H * N)).to(torch.int32)
+    counts = torch.bincount(key, minlength=H * NB + 1)[: H * NB]  # [H * NB]
+    ends = torch.cumsum(counts, 0)
+    n_chunks = (counts + chunk - 1) // chunk
+    last_chunk = torch.cumsum(n_chunks, 0)
+    W = H * NB + -(-(TT * H * N) // chunk)  # >= sum of n_chunks
+    w = torch.arange(W, device=device)
+    owner = torch.searchsorted(last_chunk, w, right=True).clamp_max(H * NB - 1)
+    start = ends[owner] - counts[owner] + (w - (last_chunk[owner] - n_chunks[owner])) * chunk
+    end = torch.where(w < last_chunk[-1], torch.minimum(start + chunk, ends[owner]), start)
+    as_i32 = lambda x: x.to(device=device, dtype=torch.int32)
+    return as_i32(owner), as_i32(start), as_i32(end), query_of, as_i32(block_start), as_i32(block_end), NB
+
+
+def selected_attention_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    block_idx: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of selected attention, shapes as q, k, v."""
+    B, T, HQ, _ = q.shape
+    H, N = k.shape[2], block_idx.shape[3]
+    meta = _meta(q, k, v, config.select_block)
+    cu, tile_seq, tile_start, BM = _row_tiles(q, k, cu_seqlens, config)
+    q2, k2, v2, o2, do2, idx2 = _packed(q, k, v, o, do, block_idx.to(torch.int32))
+    lse2 = lse.contiguous().view(B * T, HQ)
+    delta = attn_bwd_preprocess(o2, do2)  # [TT, HQ]
+    dq = torch.empty_like(q2)
+    selected_bwd_dq_kernel[(tile_seq.numel(), H)](
+        q2, k2, v2, do2, lse2, delta, idx2, dq, cu, tile_seq, tile_start, scale,
+        N=N, NP=next_power_of_2(N, 2), BM=BM, **meta,
+    )  # fmt: skip
+    chunk = 64 if is_interpreting() else 512
+    lengths = sequence_lengths(B, T, cu_seqlens)
+    key, start, end, query_of, block_start, block_end, NB = invert_blocks(idx2, lengths, config.select_block, chunk)
+    dk = torch.zeros(k2.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v2.shape, dtype=torch.float32, device=q.device)
+    selected_bwd_dkv_kernel[(key.numel(),)](
+        q2, k2, v2, do2, lse2, delta, dk, dv, key, start, end, query_of, block_start, block_end, scale, NB,
+        BM=16 if is_interpreting() else 64, **meta,
+    )  # fmt: skip
+    return dq.view(q.shape), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype)
+
+
+def _config_of(select_block: int) -> NSAConfig:
+    """The kernels only read l' from the config (the compressed sizes do not matter here)."""
+    return NSAConfig(compress_block=select_block, compress_stride=select_block, select_block=select_block)
+
+
+@torch.library.custom_op("nsa::selected_attention_fwd", mutates_args=())
+def selected_attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    select_block: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom op around :func:`selected_attention_fwd`: o [B, T, HQ, DV], lse [B, T, HQ] fp32."""
+    return selected_attention_fwd(q, k, v, block_idx, _config_of(select_block), scale, cu_seqlens)
+
+
+@selected_attention_fwd_op.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    select_block: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, HQ, _ = q.shape
+    return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::selected_attention_bwd", mutates_args=())
+def selected_attention_bwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    block_idx: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    select_block: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Custom op around :func:`selected_attention_bwd`: (dq, dk, dv)."""
+    return selected_attention_bwd(q, k, v, o, lse, do, block_idx, _config_of(select_block), scale, cu_seqlens)
+
+
+@selected_attention_bwd_op.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    block_idx: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    select_block: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class SelectedAttention(torch.autograd.Function):
+    """Differentiable selected attention over the custom ops; no gradient for the block indices."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_idx: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        select_block: int,
+        scale: float,
+    ) -> torch.Tensor:
+        o, lse = torch.ops.nsa.selected_attention_fwd(q, k, v, block_idx, cu_seqlens, select_block, scale)
+        ctx.save_for_backward(q, k, v, o, lse, block_idx, cu_seqlens)
+        ctx.select_block, ctx.scale = select_block, scale
+        return o
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, o, lse, block_idx, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = torch.ops.nsa.selected_attention_bwd(
+            q, k, v, o, lse, do, block_idx, cu_seqlens, ctx.select_block, ctx.scale
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def selected_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    config: NSAConfig,
+    *,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over the keys of the selected blocks, ``s <= t`` (Eq. 12).
+
+    q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, S] (-1 = none, any order, no
+    duplicates; with ``cu_seqlens``, counted from each sequence's first token). Returns o [B, T, HQ, DV].
+    """
+    config = check_config(config)
+    B, T, _, H, DK, _ = check_qkv(q, k, v)
+    check_dim("k", k, 1, T, "T, as q")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_kernel_dtype(name, x)
+    scale = check_scale(scale, DK)
+    if cu_seqlens is None:
+        check_block_idx(block_idx, B, T, H, config, q.device)
+    else:
+        check_cu_seqlens(cu_seqlens, B, T)
+        bounds = cu_seqlens.tolist()
+        for t0, t1 in itertools.pairwise(bounds):
+            check_block_idx(block_idx[:, t0:t1], 1, t1 - t0, H, config, q.device)
+    return SelectedAttention.apply(q, k, v, block_idx, cu_seqlens, config.select_block, scale)

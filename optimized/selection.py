@@ -1,0 +1,255 @@
+r"""Fused block selection (paper Eq. 8-12, spec sections 5-6): scores, overlap mapping, GQA sum and top-n in one kernel.
+
+Design. One program owns ``BT`` query positions of one sequence and one kv head. It walks the selection
+blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compressed blocks, taken in tiles of ``BC``):
+
+1. for each compressed tile and each of the group's ``G`` query heads, ``s = q_h k~^T`` ``[BT, BC]`` and the
+   probability ``p = exp2(s * scale * log2 e - lse * log2 e)`` rebuilt from the compressed branch's saved
+   log-sum-exp (Eq. 8), summed over the group's heads (Eq. 10; the overlap map is linear, so summing first
+   is exact and maps once instead of ``G`` times);
+2. the overlap map (Eq. 9) as a small matmul with the on-the-fly weight tile
+   ``W[i, j] = |[i d, i d + l) ∩ [j l', (j+1) l')| / d`` ``[BC, BS]`` (small integers, so exact in tf32;
+   ``tf32x3`` keeps the probabilities at fp32 accuracy); the part of the chunk's last compressed blocks
+   that spills into the next chunk's first selection block is carried in a ``[BT]`` vector;
+3. the chunk's ``[BT, BS]`` ranks (forced blocks ``+inf``, non-candidates ``-inf``) are merged into a running
+   top-n list ``[BT, NP]`` held in registers: repeatedly swap the chunk's best (highest score, lowest index)
+   for the list's worst (lowest score, highest index) while any row improves. Chunks arrive in ascending
+   block order, so an equal score never displaces a listed block: ties go to the lower index, as in the spec.
+
+At the end the list is sorted ascending by index (rank by pairwise comparison) and stored with ``-1``
+padding. Memory is ``O(T n)``: no ``[T, TC]`` or ``[T, NS]`` tensor is ever written, and the registers
+hold ``[BT, BS]`` scores and ``[BT, NP]`` list entries whatever the sequence length, so there is no
+limit on ``NS``. Costs: the ``q k~^T`` products equal one compressed-attention forward's first matmul
+(this is the second pass that needs the final log-sum-exp); the map adds ``BT * BC * BS`` multiply-adds
+per tile (``BS = 16``: one eighth of the ``q k~^T`` work at ``G = 1, DK = 128``); the merge costs at most
+``min(n, BS)`` short reductions per chunk, and none once a chunk cannot beat the list.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from reference.config import NSAConfig
+from reference.selection import _check_selection_inputs
+
+from ._common import check_kernel_dtype, is_interpreting, next_power_of_2
+from ._sparse import sequence_lengths, sequence_tiles
+
+BIG = 1 << 30  # an index past every real block: marks empty list slots
+
+
+@triton.jit
+def _overlap(o_i, o_j, L: tl.constexpr, D: tl.constexpr, LS: tl.constexpr):
+    """Strides of compressed block ``o_i`` that fall into selection block ``o_j`` (broadcasting, int32)."""
+    start = tl.maximum(o_i * D, o_j * LS)
+    end = tl.minimum(o_i * D + L, (o_j + 1) * LS)
+    return tl.maximum(end - start, 0) // D
+
+
+@triton.jit
+def select_blocks_kernel(
+    q,  # [TT, HQ, DK] packed tokens
+    k_cmp,  # [TCT, H, DK] packed compressed keys
+    lse,  # [TT, HQ] float32
+    out,  # [TT, H, N] int32
+    cu_seqlens,  # [S + 1] int32
+    cu_cmp,  # [S + 1] int32
+    tile_seq,  # [NT] int32: the sequence of each query tile
+    tile_start,  # [NT] int32: its first packed token
+    s_qt,
+    s_qh,
+    s_kt,
+    s_kh,
+    s_lt,
+    s_ot,
+    s_oh,
+    qk_scale,  # scale * log2(e)
+    G: tl.constexpr,
+    DK: tl.constexpr,
+    L: tl.constexpr,
+    D: tl.constexpr,
+    LS: tl.constexpr,
+    N: tl.constexpr,
+    N_INIT: tl.constexpr,
+    N_LOCAL: tl.constexpr,
+    BT: tl.constexpr,
+    BS: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    NP: tl.constexpr,
+):
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    i_seq = tl.load(tile_seq + i_tile)
+    bos, eos = tl.load(cu_seqlens + i_seq), tl.load(cu_seqlens + i_seq + 1)
+    cbos = tl.load(cu_cmp + i_seq)
+    t0 = tl.load(tile_start + i_tile)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    R: tl.constexpr = LS // D  # compressed blocks starting in one selection block
+
+    o_t = t0 + tl.arange(0, BT)  # [BT] packed positions
+    m_t = o_t < eos
+    p_t = o_t - bos  # [BT] positions inside the sequence
+    t_last = tl.minimum(t0 + BT, eos) - 1 - bos
+    n_vis = tl.where(t_last + 1 >= L, (t_last + 1 - L) // D + 1, 0)  # compressed blocks the last row sees
+    n_blk = t_last // LS + 1  # candidate blocks of the last row
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    o_c = tl.arange(0, BC)
+    o_s = tl.arange(0, BS)
+    o_slot = tl.arange(0, NP)
+
+    b_lv = tl.where(o_slot < N, float("-inf"), float("inf"))[None, :] + tl.zeros([BT, NP], tl.float32)  # [BT, NP]
+    b_li = (BIG + o_slot)[None, :] + tl.zeros([BT, NP], tl.int32)  # [BT, NP]
+    b_carry = tl.zeros([BT], tl.float32)
+    for j0 in range(0, n_blk, BS):
+        b_acc = tl.zeros([BT, BS], tl.float32)  # [BT, BS] group scores of blocks j0 ... j0 + BS - 1
+        b_acc += tl.where(o_s == 0, 1.0, 0.0)[None, :] * b_carry[:, None]
+        b_carry = tl.zeros([BT], tl.float32)
+        o_j = j0 + o_s
+        c_end = tl.minimum((j0 + BS) * R, n_vis)
+        for c0 in range(j0 * R, c_end, BC):
+            o_i = c0 + o_c  # [BC] compressed blocks inside the sequence
+            m_i = o_i < c_end
+            p_k = k_cmp + (cbos + o_i).to(tl.int64)[None, :] * s_kt + i_h * s_kh + o_k[:, None]
+            b_kt = tl.load(p_k, mask=m_k[:, None] & m_i[None, :], other=0.0)  # [BK, BC]
+            m_vis = (o_i[None, :] * D + L - 1 <= p_t[:, None]) & m_i[None, :] & m_t[:, None]  # [BT, BC]
+            b_p = tl.zeros([BT, BC], tl.float32)
+            for g in range(G):
+                i_q = i_h * G + g
+                p_q = q + o_t.to(tl.int64)[:, None] * s_qt + i_q * s_qh + o_k[None, :]
+                b_q = tl.load(p_q, mask=m_t[:, None] & m_k[None, :], other=0.0)  # [BT, BK]
+                b_lse = tl.load(lse + o_t.to(tl.int64) * s_lt + i_q, mask=m_t, other=0.0)  # [BT]
+                b_s = tl.dot(b_q, b_kt)  # [BT, BC]
+                b_p += tl.where(m_vis, tl.math.exp2(b_s * qk_scale - b_lse[:, None] * LOG2E), 0.0)
+            b_w = _overlap(o_i[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BS] (Eq. 9)
+            b_acc = tl.dot(b_p, b_w, b_acc, input_precision="tf32x3")
+            b_next = _overlap(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] spill into the next chunk
+            b_carry += tl.sum(b_p * b_next[None, :], axis=1)
+
+        # ranks: forced blocks first, then scores; blocks after t are not candidates (spec 6)
+        b_cur = p_t // LS  # [BT]
+        m_cand = (o_j[None, :] <= b_cur[:, None]) & m_t[:, None]  # [BT, BS]
+        m_force = m_cand & ((o_j[None, :] < N_INIT) | (o_j[None, :] > b_cur[:, None] - N_LOCAL))
+        b_cv = tl.where(m_force, float("inf"), tl.where(m_cand, b_acc, float("-inf")))  # [BT, BS]
+
+        # merge the chunk into the running top-n: chunk best replaces list worst while it is better
+        b_bv = tl.max(b_cv, axis=1)  # [BT]
+        b_bj = tl.min(tl.where(b_cv == b_bv[:, None], o_j[None, :], BIG), axis=1)
+        b_wv = tl.min(b_lv, axis=1)
+        b_wi = tl.max(tl.where(b_lv == b_wv[:, None], b_li, -1), axis=1)
+        m_up = b_bv > b_wv
+        n_up = tl.sum(m_up.to(tl.int32), axis=0)
+        while n_up > 0:
+            m_put = m_up[:, None] & (b_li == b_wi[:, None])  # [BT, NP]
+            b_lv = tl.where(m_put, b_bv[:, None], b_lv)
+            b_li = tl.where(m_put, b_bj[:, None], b_li)
+            b_cv = tl.where(m_up[:, None] & (o_j[None, :] == b_bj[:, None]), float("-inf"), b_cv)
+            b_bv = tl.max(b_cv, axis=1)
+            b_bj = tl.min(tl.where(b_cv == b_bv[:, None], o_j[None, :], BIG), axis=1)
+            b_wv = tl.min(b_lv, axis=1)
+            b_wi = tl.max(tl.where(b_lv == b_wv[:, None], b_li, -1), axis=1)
+            m_up = b_bv > b_wv
+            n_up = tl.sum(m_up.to(tl.int32), axis=0)
+
+    # ascending order: every listed index is unique, so its rank is the count of smaller ones
+    b_rank = tl.sum((b_li[:, None, :] < b_li[:, :, None]).to(tl.int32), axis=2)  # [BT, NP]
+    b_out = tl.where(b_li < BIG, b_li, -1)
+    p_o = out + o_t.to(tl.int64)[:, None] * s_ot + i_h * s_oh + b_rank
+    tl.store(p_o, b_out, mask=m_t[:, None] & (b_rank < N))
+
+
+def select_blocks_fwd(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    """Launch the fused selection. q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] -> [B, T, H, n] int32."""
+    B, T, HQ, DK = q.shape
+    H, n = k_cmp.shape[2], config.num_selected
+    BT = 16 if is_interpreting() else 64
+    cu, cu_c, tile_seq, tile_start = sequence_tiles(sequence_lengths(B, T, cu_seqlens), config, BT, 1, q.device)
+    q2 = q.contiguous().view(B * T, HQ, DK)
+    k2 = k_cmp.contiguous().view(k_cmp.shape[0] * k_cmp.shape[1], H, DK)
+    lse2 = lse.float().contiguous().view(B * T, HQ)
+    out = torch.empty(B * T, H, n, dtype=torch.int32, device=q.device)
+    R = config.select_block // config.compress_stride
+    BS = 16
+    select_blocks_kernel[(tile_seq.numel(), H)](
+        q2, k2, lse2, out, cu, cu_c, tile_seq, tile_start,
+        q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), lse2.stride(0), out.stride(0), out.stride(1),
+        scale * 1.4426950408889634,
+        G=HQ // H, DK=DK, L=config.compress_block, D=config.compress_stride, LS=config.select_block,
+        N=n, N_INIT=config.num_initial, N_LOCAL=config.num_local,
+        BT=BT, BS=BS, BC=min(128, next_power_of_2(BS * R)), BK=next_power_of_2(DK), NP=next_power_of_2(n, 2),
+        num_warps=4,
+    )  # fmt: skip
+    return out.view(B, T, H, n)
+
+
+def _config(l: int, d: int, ls: int, n: int, n_init: int, n_local: int) -> NSAConfig:
+    return NSAConfig(compress_block=l, compress_stride=d, select_block=ls, num_selected=n, num_initial=n_init,
+                     num_local=n_local)  # fmt: skip
+
+
+@torch.library.custom_op("nsa::select_blocks", mutates_args=())
+def select_blocks_op(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    l: int,
+    d: int,
+    ls: int,
+    n: int,
+    n_init: int,
+    n_local: int,
+    scale: float,
+) -> torch.Tensor:
+    """Custom op around :func:`select_blocks_fwd` (the config as its integers) -> block_idx [B, T, H, n] int32."""
+    return select_blocks_fwd(q, k_cmp, lse, _config(l, d, ls, n, n_init, n_local), scale, cu_seqlens)
+
+
+@select_blocks_op.register_fake
+def _(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    l: int,
+    d: int,
+    ls: int,
+    n: int,
+    n_init: int,
+    n_local: int,
+    scale: float,
+) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q.shape[1], k_cmp.shape[2], n, dtype=torch.int32)
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse: torch.Tensor,
+    config: NSAConfig,
+    *,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``num_selected`` blocks each query and kv head reads (Eq. 8-12, spec sections 5-6).
+
+    q [B, T, HQ, DK], k_cmp [B, TC, H, DK] (float16, bfloat16 or float32), lse [B, T, HQ] from
+    ``compressed_attention``. Returns block_idx [B, T, H, num_selected] int32: ascending, forced blocks
+    included, -1 padded; with ``cu_seqlens`` indices count from each sequence's first token. No gradient.
+    """
+    config, scale = _check_selection_inputs(q, k_cmp, lse, config, scale, cu_seqlens)
+    check_kernel_dtype("q", q)
+    c = config
+    return torch.ops.nsa.select_blocks(
+        q.detach(), k_cmp.detach(), lse.detach(), cu_seqlens, c.compress_block, c.compress_stride, c.select_block,
+        c.num_selected, c.num_initial, c.num_local, scale,
+    )  # fmt: skip

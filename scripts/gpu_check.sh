@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Everything the GPU machine has to say, in one call: environment, tests, compute-sanitizer, benchmarks.
+#
+#   scripts/gpu_check.sh                      # all steps: env tests sanitize bench decode
+#   scripts/gpu_check.sh env tests sanitize   # correctness only (~5-7 min)
+#   scripts/gpu_check.sh env bench decode     # performance only (~5-8 min)
+#
+# Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
+# BUDGET_S seconds (default 570, under the 10-minute limit of one GPU command): a step gets at most what
+# is left, and the benchmark's --max-minutes shrinks to fit. Files written under $OUT (default /tmp/out),
+# 8 at most: summary.txt env.txt tests.log sanitizer.log bench.log bench.json decode.json plots.tar.
+# The summary and the benchmark tables are printed last.
+#
+# Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s), SANITIZE_TIMEOUT (90 s per run),
+# BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BENCH_ARGS, DECODE_ARGS (extra flags).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-/tmp/out}
+PY=${PYTHON:-python3}
+BUDGET_S=${BUDGET_S:-570}
+TEST_TIMEOUT=${TEST_TIMEOUT:-240}
+SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-90}
+BENCH_MINUTES=${BENCH_MINUTES:-6}
+DECODE_TIMEOUT=${DECODE_TIMEOUT:-150}
+STEPS=${*:-env tests sanitize bench decode}
+START=$(date +%s)
+RESULTS=$(mktemp -d)
+mkdir -p "$OUT"
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+remaining() { echo $((BUDGET_S - ($(date +%s) - START))); }
+
+# run_step NAME LIMIT_S LOG CMD...: run CMD under min(LIMIT_S, what is left) seconds, append to LOG,
+# and add one status line to the summary.
+run_step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local left
+    left=$(remaining)
+    if ((left < 30)); then
+        printf '%-34s %-14s\n' "$name" "SKIPPED budget" >>"$SUMMARY"
+        return
+    fi
+    ((limit > left - 15)) && limit=$((left - 15))
+    local t0 rc status
+    t0=$(date +%s)
+    echo "=== $name (timeout ${limit}s): $*" >>"$log"
+    timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status=TIMEOUT ;;
+        *) status="FAILED rc=$rc" ;;
+    esac
+    printf '%-34s %-14s %4ss  %s\n' "$name" "$status" "$(($(date +%s) - t0))" "$(basename "$log")" >>"$SUMMARY"
+}
+
+if want env; then
+    {
+        nvidia-smi
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
+        "$PY" -c "import sys, torch, triton; p = torch.cuda.get_device_properties(0); print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__, '|', p.name, p.multi_processor_count, 'SMs, L2', getattr(p, 'L2_cache_size', 0) // 2**20, 'MiB')"
+        command -v compute-sanitizer && compute-sanitizer --version | tail -1
+    } >"$OUT/env.txt" 2>&1
+    head -c 300 "$OUT/env.txt" | grep -m1 -o 'Driver Version: [0-9.]*' >>"$SUMMARY"
+    grep -m1 '^python' "$OUT/env.txt" >>"$SUMMARY"
+fi
+
+if want tests; then
+    HYPOTHESIS_PROFILE=gpu run_step "pytest (all, hypothesis gpu)" "$TEST_TIMEOUT" "$OUT/tests.log" \
+        "$PY" -m pytest tests -q -p no:cacheprovider --durations=10
+    tail -n 40 "$OUT/tests.log" | grep -E '(passed|failed|error)' | tail -1 | sed 's/^/    /' >>"$SUMMARY"
+fi
+
+if want sanitize; then
+    SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+    for script in scripts/sanitize_dense.py scripts/sanitize_sparse.py; do
+        if [[ ! -f $script ]]; then
+            printf '%-34s %-14s\n' "sanitize $(basename "$script")" "SKIPPED absent" >>"$SUMMARY"
+            continue
+        fi
+        if [[ -z $SANITIZER ]]; then
+            printf '%-34s %-14s\n' "sanitize $(basename "$script")" "SKIPPED no compute-sanitizer" >>"$SUMMARY"
+            continue
+        fi
+        for tool in memcheck racecheck; do
+            # without the caching allocator every tensor is its own allocation, so memcheck sees overruns
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool $(basename "$script")" "$SANITIZE_TIMEOUT" "$OUT/sanitizer.log" \
+                "$SANITIZER" --tool "$tool" --error-exitcode 3 --print-limit 20 "$PY" "$script"
+            grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer.log" | tail -1 | sed 's/^/    /' >>"$SUMMARY"
+        done
+    done
+fi
+
+if want bench; then
+    reserve=30
+    want decode && reserve=$((reserve + DECODE_TIMEOUT))
+    secs=$(($(remaining) - reserve - 60))
+    ((secs > BENCH_MINUTES * 60)) && secs=$((BENCH_MINUTES * 60))
+    if ((secs < 60)); then
+        printf '%-34s %-14s\n' "benchmarks.run" "SKIPPED budget" >>"$SUMMARY"
+    else
+        minutes=$(awk "BEGIN { printf \"%.1f\", $secs / 60 }")
+        # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
+        run_step "benchmarks.run --max-minutes $minutes" $((secs + 60)) "$OUT/bench.log" \
+            "$PY" -m benchmarks.run --max-minutes "$minutes" --out "$RESULTS" ${BENCH_ARGS:-}
+    fi
+fi
+
+if want decode; then
+    # shellcheck disable=SC2086 # DECODE_ARGS is a list of flags
+    run_step "benchmarks.decode --quick" "$DECODE_TIMEOUT" "$OUT/bench.log" \
+        "$PY" -m benchmarks.decode --quick --max-minutes $(((DECODE_TIMEOUT - 40) / 60 + 1)) --out "$RESULTS" ${DECODE_ARGS:-}
+fi
+
+for f in bench.json decode.json; do
+    [[ -f $RESULTS/$f ]] && cp "$RESULTS/$f" "$OUT/$f"
+done
+if compgen -G "$RESULTS/*.png" >/dev/null; then
+    tar -cf "$OUT/plots.tar" -C "$RESULTS" $(cd "$RESULTS" && ls -- *.png)
+fi
+printf 'total %ss of %ss budget; files: %s\n' "$(($(date +%s) - START))" "$BUDGET_S" "$(cd "$OUT" && ls | tr '\n' ' ')" >>"$SUMMARY"
+
+if [[ -f $OUT/bench.log ]]; then
+    echo "----- benchmark tables"
+    # each benchmark prints its table last, starting with "card:"
+    awk '/^=== /{keep=0} /^card:/{keep=1} keep' "$OUT/bench.log" | tail -n 80
+fi
+if [[ -f $OUT/tests.log ]]; then
+    echo "----- test failures (first 40 lines)"
+    grep -E '^(FAILED|ERROR)' "$OUT/tests.log" | head -n 40
+fi
+echo "----- summary"
+cat "$SUMMARY"

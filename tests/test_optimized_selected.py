@@ -1,0 +1,128 @@
+"""optimized.selected_attention against the reference on the same block indices: output, dq, dk, dv (spec 7)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from kernel_problems import DEVICE
+from sparse_problems import problem, sparse_problems
+
+import reference
+from optimized.selected import invert_blocks, selected_attention
+from reference.config import NSAConfig
+from reference.testing import NSAProblem, assert_close_to_reference, check_against_reference
+
+CFG = NSAConfig(8, 4, 8, 3, 1, 1, window=16)
+
+
+@settings(max_examples=10)
+@given(sparse_problems())
+@example(problem(1, 1, 1, 16, 24, CFG, torch.float32))  # T = 1: one key
+@example(problem(37, 2, 3, 48, 24, NSAConfig(4, 2, 8, 4, 1, 2), torch.float16))  # G = 3, last block partial
+@example(problem(50, 1, 8, 64, 16, CFG, torch.float32, seqlens=(3, 30, 17)))  # packed: per-sequence block numbers
+def test_selected_matches_reference(p: NSAProblem) -> None:
+    check_against_reference("selected_attention", selected_attention, p, device=DEVICE)
+
+
+def _random_block_idx(B: int, T: int, H: int, S: int, block: int, seed: int) -> torch.Tensor:
+    """Any order, -1 anywhere, no duplicates: the API takes any valid selection, not only sorted ones."""
+    gen = torch.Generator().manual_seed(seed)
+    NS = -(-T // block)
+    keys = torch.rand(B, T, H, NS, generator=gen)
+    later = torch.arange(NS)[None, :] > (torch.arange(T) // block)[:, None]  # [T, NS] blocks after t
+    keys = torch.where(later[None, :, None, :], 2.0, keys)
+    order = torch.argsort(keys, dim=-1)[..., :S]
+    chosen = torch.gather(keys, -1, order) < 1.8  # drop a few candidates too
+    idx = torch.where(chosen, order, -1)
+    return torch.nn.functional.pad(idx, (0, max(0, S - NS)), value=-1).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_selected_any_index_order(dtype: torch.dtype) -> None:
+    B, T, H, G, DK, DV = 2, 45, 2, 2, 24, 32
+    p = problem(T, H, G, DK, DV, CFG, dtype, batch=B, seed=3)
+    idx = _random_block_idx(B, T, H, 4, CFG.select_block, seed=4).to(DEVICE)
+    x64, xdt, xo = (p.tensors(DEVICE, dt, requires_grad=True) for dt in (torch.float64, None, None))
+    do = torch.randn(B, T, H * G, DV, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEVICE)
+    outs = []
+    for fn, x in ((reference.selected_attention, x64), (reference.selected_attention, xdt), (selected_attention, xo)):
+        o = fn(x.q, x.k_slc, x.v_slc, idx, CFG)
+        outs.append((o, *torch.autograd.grad(o, (x.q, x.k_slc, x.v_slc), do.to(o.dtype))))
+    for name, a, e, s in zip(("o", "dq", "dk", "dv"), *outs[::-1]):
+        assert_close_to_reference(a, e, s, name=name)
+
+
+def test_invert_blocks_lists_every_selection_once() -> None:
+    lengths = [20, 7, 33]
+    idx = torch.cat([_random_block_idx(1, n, 2, 3, 4, seed=n)[0] for n in lengths])  # [TT, H, n]
+    key, start, end, query_of, block_start, block_end, NB = invert_blocks(idx.int(), lengths, 4, chunk=5)
+    assert NB == sum(-(-n // 4) for n in lengths)
+    assert int((end - start).clamp_min(0).max()) <= 5
+    seen = []
+    first = [0, 20, 27]
+    seq_block0 = [0, 5, 7]
+    for w in range(key.numel()):
+        h, blk = divmod(int(key[w]), NB)
+        for e in range(int(start[w]), int(end[w])):
+            t = int(query_of[e])
+            s = max(i for i in range(3) if first[i] <= t)
+            local = blk - seq_block0[s]
+            assert int(block_start[blk]) == first[s] + 4 * local
+            assert int(block_end[blk]) == min(first[s] + 4 * local + 4, first[s] + lengths[s])
+            seen.append((t, h, local))
+    expected = sorted((t, h, int(j)) for t, h, k in (idx >= 0).nonzero().tolist() for j in [idx[t, h, k]])
+    assert sorted(seen) == expected
+
+
+def test_selected_rejects_bad_arguments_like_reference() -> None:
+    q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 1, 16), torch.randn(1, 8, 1, 16)
+    idx = torch.full((1, 8, 1, 2), -1, dtype=torch.int32)
+    bad = idx.clone()
+    bad[0, 0, 0, 0] = 1  # block 1 starts after t = 0
+    for fn in (reference.selected_attention, selected_attention):
+        with pytest.raises(ValueError, match="not causal"):
+            fn(q, k, v, bad, CFG)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        selected_attention(q.double(), k.double(), v.double(), idx, CFG)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "p",
+    [
+        problem(4096, 1, 16, 192, 128, NSAConfig(), torch.bfloat16),
+        problem(4096, 4, 1, 128, 128, NSAConfig(), torch.bfloat16),
+        problem(2048, 2, 4, 128, 96, NSAConfig(), torch.float16, batch=2),
+        problem(4096, 1, 16, 128, 128, NSAConfig(), torch.bfloat16, seqlens=(1000, 3000, 96)),
+        problem(1024, 2, 3, 80, 48, NSAConfig(32, 16, 48, 5, 1, 2), torch.float32),
+        problem(8192, 1, 16, 128, 128, NSAConfig(), torch.bfloat16),
+    ],
+    ids=["G16-dk192-bf16", "G1-bf16", "B2-G4-fp16", "varlen-bf16", "ls48-fp32", "T8k-bf16"],
+)
+def test_selected_gpu_large(p: NSAProblem) -> None:
+    check_against_reference("selected_attention", selected_attention, p, device="cuda")
+
+
+@pytest.mark.gpu
+def test_selected_gpu_timing_report(capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a pass/fail bound: prints fwd/bwd times and the union waste of the row tiles at T = 16k."""
+    B, T, H, G, D = 1, 16384, 4, 16, 128
+    cfg = NSAConfig()
+    p = problem(T, H, G, D, D, cfg, torch.bfloat16)
+    x = p.tensors("cuda", requires_grad=True)
+    idx = _random_block_idx(B, T, H, cfg.num_selected, cfg.select_block, seed=0).cuda()
+    o = selected_attention(x.q, x.k_slc, x.v_slc, idx, cfg)
+    o.backward(torch.ones_like(o))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    o = selected_attention(x.q, x.k_slc, x.v_slc, idx, cfg)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    o.backward(torch.ones_like(o))
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    with capsys.disabled():
+        print(f"\nselected_attention T={T} HQ={H * G} H={H} D={D}: fwd {1e3 * (t1 - t0):.2f} ms, bwd {1e3 * (t2 - t1):.2f} ms")

@@ -1,0 +1,63 @@
+"""optimized.select_blocks against the reference (spec sections 5-6): same blocks except within rounding of a tie."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from kernel_problems import DEVICE
+from sparse_problems import problem, sparse_problems
+
+import reference
+from optimized.selection import select_blocks
+from reference.config import NSAConfig
+from reference.testing import NSAProblem, check_against_reference
+
+CFG = NSAConfig(8, 4, 8, 3, 1, 1, window=16)
+MANY_BLOCKS = NSAConfig(4, 2, 4, 6, 1, 2)  # 20 selection blocks at T = 80: two chunks, a spill between them
+
+
+@settings(max_examples=12)
+@given(sparse_problems(max_seq_len=96))
+@example(problem(1, 1, 1, 16, 24, CFG, torch.float32))  # T = 1 < l: no compressed block, only forced blocks
+@example(problem(80, 1, 2, 16, 32, MANY_BLOCKS, torch.float32))  # scores carried across chunks of 16 blocks
+@example(problem(70, 2, 3, 48, 24, NSAConfig(), torch.float16))  # paper config: fewer candidates than n
+@example(problem(61, 1, 5, 24, 16, MANY_BLOCKS, torch.float32, seqlens=(9, 40, 12)))  # per-sequence numbering
+def test_selection_matches_reference(p: NSAProblem) -> None:
+    check_against_reference("select_blocks", select_blocks, p, device=DEVICE)
+
+
+def test_exact_ties_go_to_the_lower_block() -> None:
+    """Blocks that no visible compressed block overlaps score exactly 0: the lowest-indexed ones must win."""
+    cfg = NSAConfig(16, 16, 16, 4, 1, 0)  # l = l' = d: block j's only compressed block ends at 16 j + 15
+    T, H, G, D = 80, 1, 2, 16
+    q = torch.zeros(1, T, H * G, D)  # every visible block gets the same score too: all ties
+    k_cmp = torch.randn(1, cfg.num_compressed(T), H, D, generator=torch.Generator().manual_seed(0))
+    _, lse = reference.compressed_attention(q, k_cmp, k_cmp, cfg)
+    expected = reference.select_blocks(q, k_cmp, lse, cfg)
+    assert torch.equal(select_blocks(q.to(DEVICE), k_cmp.to(DEVICE), lse.to(DEVICE), cfg).cpu(), expected)
+
+
+def test_selection_rejects_bad_arguments_like_reference() -> None:
+    q, k_cmp = torch.randn(1, 40, 2, 16), torch.randn(1, 3, 1, 16)
+    for fn in (reference.select_blocks, select_blocks):
+        with pytest.raises(ValueError, match="lse must be a tensor"):
+            fn(q, k_cmp, torch.zeros(1, 40, 3), CFG)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        select_blocks(q.double(), k_cmp[:, :1].double(), torch.zeros(1, 40, 2), NSAConfig(32, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "p",
+    [
+        problem(8192, 1, 16, 192, 128, NSAConfig(), torch.bfloat16),
+        problem(4096, 4, 1, 128, 128, NSAConfig(), torch.bfloat16),
+        problem(4096, 1, 16, 128, 128, NSAConfig(), torch.bfloat16, seqlens=(1000, 3000, 96)),
+        problem(2048, 2, 3, 80, 48, NSAConfig(32, 16, 48, 5, 1, 2), torch.float32),
+        problem(2048, 2, 4, 64, 64, NSAConfig(16, 8, 32, 9, 0, 1), torch.float16, batch=2),
+    ],
+    ids=["T8k-G16-dk192-bf16", "G1-bf16", "varlen-bf16", "ls48-fp32", "B2-fp16"],
+)
+def test_selection_gpu_large(p: NSAProblem) -> None:
+    check_against_reference("select_blocks", select_blocks, p, device="cuda")

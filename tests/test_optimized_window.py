@@ -1,0 +1,51 @@
+"""optimized.sliding_window_attention against the reference: output and dq, dk, dv (spec section 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from kernel_problems import DEVICE, kernel_problems, problem
+
+import reference
+from optimized.window import sliding_window_attention
+from reference.config import NSAConfig
+from reference.testing import NSAProblem, check_against_reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+CFG = NSAConfig(8, 4, 8, 3, 1, 2, window=16)
+
+
+@settings(max_examples=10)
+@given(kernel_problems())
+@example(problem(1, 1, 1, 16, 24, CFG, torch.float32))  # T = 1
+@example(problem(37, 2, 3, 40, 24, NSAConfig(8, 4, 8, 3, 1, 2, window=1), torch.float16))  # w = 1: only t itself
+@example(problem(50, 1, 8, 64, 16, CFG, torch.float32, seqlens=(3, 30, 17)))  # packed, window spans a boundary
+def test_window_matches_reference(p: NSAProblem) -> None:
+    check_against_reference("sliding_window_attention", sliding_window_attention, p, device=DEVICE)
+
+
+def test_window_rejects_bad_arguments_like_reference() -> None:
+    q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 3, 16), torch.randn(1, 8, 3, 16)  # HQ % H != 0
+    for fn in (reference.sliding_window_attention, sliding_window_attention):
+        with pytest.raises(ValueError, match="multiple of kv heads"):
+            fn(q, k, v, CFG)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        sliding_window_attention(q.double(), k[:, :, :2].double(), k[:, :, :2].double(), CFG)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "p",
+    [
+        problem(4096, 1, 16, 192, 128, NSAConfig(window=512), torch.bfloat16),
+        problem(2048, 2, 4, 128, 128, NSAConfig(window=512), torch.float16, batch=2),
+        problem(4096, 1, 16, 128, 128, NSAConfig(window=512), torch.bfloat16, seqlens=(1000, 3000, 96)),
+        problem(2048, 2, 3, 96, 80, NSAConfig(window=300), torch.float32),
+        problem(8192, 1, 16, 128, 128, NSAConfig(window=512), torch.bfloat16),
+    ],
+    ids=["G16-dk192-bf16", "B2-fp16", "varlen-bf16", "dk96-dv80-fp32", "T8k-bf16"],
+)
+def test_window_gpu_large(p: NSAProblem) -> None:
+    check_against_reference("sliding_window_attention", sliding_window_attention, p, device="cuda")
