@@ -42,7 +42,17 @@ import torch.nn.functional as F
 import reference as ref
 
 from .flops import AttnShape, ceilings, decode_bytes
-from .run import CONFIGS, TOLERANCE, BenchConfig, compiled_flex, environment, rel_err, write_json
+from .run import (
+    CONFIGS,
+    TOLERANCE,
+    BenchConfig,
+    compiled_flex,
+    environment,
+    first_line,
+    poison_allocator,
+    rel_err,
+    write_json,
+)
 from .timing import Budget, rotation_sets, time_graph
 
 DEFAULT_CONTEXTS = (8192, 16384, 32768, 65536, 131072)
@@ -239,6 +249,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def measure_step(
+    make: StepFactory, problems: list[DecodeProblem], expected: Tensor, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Build one step per input set, check the first against ``expected``, then time them in rotation."""
+    device = problems[0].q.device
+    try:
+        poison_allocator(device)
+        steps = [make(p) for p in problems]
+        err = rel_err(steps[0](), expected)
+        if err >= TOLERANCE:
+            return {"status": "check failed, not timed", "rel_err": err}
+        timing, method = time_graph(steps, device, budget_ms=args.budget_ms, min_reps=args.min_reps)
+    except ImportError as e:
+        return {"status": f"not available: {e}"}
+    except Exception as e:  # an implementation that fails here is recorded, the rest still runs
+        return {"status": f"error: {first_line(e)}"}
+    return {"status": "ok", "rel_err": err, "us": 1e3 * timing.median_ms, "method": method, "sets": len(problems)}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Check and time every (batch, context); write ``decode.json`` after each."""
     device = torch.device(args.device)
@@ -286,19 +315,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rec["tokens_read"] = tokens[kind]
                 rec["bytes"] = decode_bytes(tokens[kind], shape)
                 rec["floor_us"] = rec["bytes"] / (hbm_tbps * 1e12) * 1e6
-                try:
-                    steps = [make(p) for p in problems]
-                    rec["rel_err"] = rel_err(steps[0](), expected[kind])
-                    if rec["rel_err"] >= TOLERANCE:
-                        rec["status"] = "check failed, not timed"
-                    else:
-                        timing, method = time_graph(steps, device, budget_ms=args.budget_ms, min_reps=args.min_reps)
-                        rec.update(status="ok", us=1e3 * timing.median_ms, method=method, sets=n_sets)
-                        rec["gbps"] = rec["bytes"] / (timing.median_ms * 1e-3) / 1e9
-                except ImportError as e:
-                    rec["status"] = f"not available: {e}"
-                except Exception as e:  # an implementation that fails here is recorded, the rest still runs
-                    rec["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                rec.update(measure_step(make, problems, expected[kind], args))
+                if "us" in rec:
+                    rec["gbps"] = rec["bytes"] / (rec["us"] * 1e-6) / 1e9
                 data["records"].append(rec)
             del problems, expected
             if device.type == "cuda":
@@ -315,7 +334,7 @@ def summary_table(data: dict[str, Any]) -> str:
     baseline, the bytes model's speedup (tokens ratio), and NSA's achieved bandwidth."""
     recs = data["records"]
     impls = list(dict.fromkeys(r["impl"] for r in recs))
-    short = {i: i.split(":")[-1][:12] for i in impls}
+    short = {i: i.split(":")[-1].removesuffix("_step")[:12] for i in impls}
     lines = [f"card: {data['env']['card']}  config: {data['config']}  nsa: {data['nsa']}"]
     lines.append(
         "    B context " + " ".join(f"{short[i]:>12}" for i in impls) + "   best_x model_x  nsa_GB/s  (us/step)"

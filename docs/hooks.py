@@ -33,9 +33,23 @@ NOTEBOOK_GLOB = "[0-9][0-9]_*.py"
 NAV_SECTION = "Notebooks"
 # Modules listed first, in reading order; any other public module follows alphabetically.
 MODULE_ORDER = {
-    "reference": ["config", "masks", "compression", "compressed", "selection", "selected", "window", "nsa",
-                  "layer", "decode", "varlen", "softmax", "testing", "plotting"],
-    "optimized": [],
+    "reference": [
+        "config",
+        "masks",
+        "compression",
+        "compressed",
+        "selection",
+        "selected",
+        "window",
+        "nsa",
+        "layer",
+        "decode",
+        "varlen",
+        "softmax",
+        "testing",
+        "plotting",
+    ],
+    "optimized": ["compression", "compressed", "selection", "selected", "window", "nsa", "decode"],
 }
 _MARKER = re.compile(r"<!--\s*(api-modules|include|benchmark-results|notebook-list)\s*:?\s*([^>]*?)\s*-->")
 _importable: dict[str, bool] = {}

@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         "chance": 1 / task.num_values,
         "eval_sequences": args.eval_sequences,
         "steps": step,
+        "seed": args.seed,
         "train_seconds": round(train_seconds, 1),
         "parameters": params,
         "model": dataclasses.asdict(config),
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m examples.train " + shlex.join(argv if argv is not None else sys.argv[1:]),
     }
     merge_results(args.out / "results.json", args.attention, entry)
-    print(f"held-out accuracy {accuracy:.4f} after {step} steps, {train_seconds:.0f}s; wrote {args.out}", file=sys.stderr)
+    summary = f"held-out accuracy {accuracy:.4f} after {step} steps, {train_seconds:.0f}s; wrote {args.out}"
+    print(summary, file=sys.stderr)
     return entry
 
 

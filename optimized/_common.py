@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
+# constexpr globals, so that @triton.jit functions may read them (plain globals fail to compile on the GPU)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 
 
 def is_interpreting() -> bool:
@@ -54,7 +55,8 @@ def autotune_configs(
     """The cartesian product of ``space`` (meta-parameter -> values) x ``num_warps`` x ``num_stages``.
 
     Under the interpreter (where ``@triton.autotune`` with several configs fails) it returns one config:
-    ``interpreter`` if given, else the first value of every axis. With the environment variable
+    ``interpreter`` if given, else the first value of every axis. With ``NSA_AUTOTUNE=0`` (the GPU tests,
+    which see many shapes) it returns the first value of every axis. With the environment variable
     ``NSA_AUTOTUNE=0`` (read at import) a GPU run also takes one config, the first of the product (list the
     best default first): quick correctness runs over many shapes then compile each kernel once per shape.
     E.g. ``autotune_configs({"BM": (128, 64), "BN": (64,)}, interpreter={"BM": 32, "BN": 32})``.
@@ -62,6 +64,8 @@ def autotune_configs(
     if is_interpreting():
         first = {name: next(iter(values)) for name, values in space.items()}
         return [triton.Config(interpreter or first, num_warps=4, num_stages=1)]
+    if os.environ.get("NSA_AUTOTUNE", "1") == "0":  # tests on the GPU: many shapes, no time to tune each
+        return [triton.Config({name: next(iter(values)) for name, values in space.items()}, num_warps=4, num_stages=2)]
     names = list(space)
     configs = [
         triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s)

@@ -197,6 +197,7 @@ def interval_bwd_dq_kernel(
         {"BN": (64, 128), "BM": (64, 32)}, num_warps=(8, 4), num_stages=(2, 3), interpreter={"BN": 32, "BM": 32}
     ),
     key=_TUNE_KEY,
+    reset_to_zero=["dk", "dv"],
 )
 @triton.jit
 def interval_bwd_dkv_kernel(
@@ -215,6 +216,7 @@ def interval_bwd_dkv_kernel(
     scale,
     T,
     S,
+    SPLIT_ROWS,
     H: tl.constexpr,
     G: tl.constexpr,
     DK: tl.constexpr,
@@ -222,11 +224,16 @@ def interval_bwd_dkv_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr,
     BN: tl.constexpr,
     BM: tl.constexpr,
 ):
-    """dk [B, S, H, DK], dv [B, S, H, DV] for one tile of BN keys, summed over the G heads of the group."""
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    """dk [B, S, H, DK], dv [B, S, H, DV] for one tile of BN keys, summed over the G heads of the group.
+
+    Program (i_n, i_bh, i_split) covers the rows [i_split * SPLIT_ROWS, (i_split + 1) * SPLIT_ROWS) of the
+    tile's query rows; with several splits (ATOMIC) it adds its partial sums into fp32 dk, dv (zeroed).
+    """
+    i_n, i_bh, i_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     HQ: tl.constexpr = H * G
     qk_scale = scale * LOG2E
@@ -240,6 +247,8 @@ def interval_bwd_dkv_kernel(
     b_v = tl.load(v + o_key[None, :] * DV + o_v[:, None], mask=m_dv[:, None] & m_n[None, :], other=0.0)  # [BV, BN]
     r_lo = tl.load(k_first + i_n * BN) * G  # the rows of the queries that see any key of the tile
     r_hi = tl.load(k_last + tl.minimum(i_n * BN + BN, S) - 1) * G
+    r_lo = tl.maximum(r_lo, i_split * SPLIT_ROWS)
+    r_hi = tl.minimum(r_hi, i_split * SPLIT_ROWS + SPLIT_ROWS)
 
     b_dk = tl.zeros([BN, BK], dtype=tl.float32)
     b_dv = tl.zeros([BN, BV], dtype=tl.float32)
@@ -267,12 +276,15 @@ def interval_bwd_dkv_kernel(
             b_dv,
             DOT_PRECISION,
         )
-    tl.store(
-        dk + o_key[:, None] * DK + o_k[None, :],
-        (b_dk * scale).to(dk.dtype.element_ty),
-        mask=m_n[:, None] & m_dk[None, :],
-    )
-    tl.store(dv + o_key[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_n[:, None] & m_dv[None, :])
+    p_dk = dk + o_key[:, None] * DK + o_k[None, :]  # [BN, BK]
+    p_dv = dv + o_key[:, None] * DV + o_v[None, :]  # [BN, BV]
+    m_nk, m_nv = m_n[:, None] & m_dk[None, :], m_n[:, None] & m_dv[None, :]
+    if ATOMIC:
+        tl.atomic_add(p_dk, b_dk * scale, mask=m_nk & (r_lo < r_hi))
+        tl.atomic_add(p_dv, b_dv, mask=m_nv & (r_lo < r_hi))
+    else:
+        tl.store(p_dk, (b_dk * scale).to(dk.dtype.element_ty), mask=m_nk)
+        tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_nv)
 
 
 def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, object]:
@@ -330,10 +342,13 @@ def interval_attention_bwd(
     k_first: torch.Tensor,
     k_last: torch.Tensor,
     scale: float,
+    split_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of interval attention; dlse [B, T, HQ] is the gradient of lse (or None).
 
-    k_first/k_last int32 [S]: the queries that see key s are [k_first[s], k_last[s]).
+    k_first/k_last int32 [S]: the queries that see key s are [k_first[s], k_last[s]). ``split_rows`` > 0
+    splits each key tile's query rows into chunks of that many rows, one program each, summed with fp32
+    atomics: for keys seen by very many queries (compressed blocks); 0 keeps one program per key tile.
     """
     q, k, v, do, lse = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), lse.contiguous()
     B, T, HQ, _ = q.shape
@@ -342,16 +357,35 @@ def interval_attention_bwd(
     meta = _meta(q, k, v)
     delta = attn_bwd_preprocess(o, do, dlse)  # [B, T, HQ]
     dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
     grid_q = lambda meta: (triton.cdiv(T * G, meta["BM"]), B * H)
     interval_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, q_lo, q_hi, scale, T, S, **meta)
+    splits = triton.cdiv(T * G, split_rows) if split_rows > 0 else 1
+    atomic = splits > 1
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else torch.empty_like(k)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device) if atomic else torch.empty_like(v)
     if S > 0:
-        grid_k = lambda meta: (triton.cdiv(S, meta["BN"]), B * H)
+        grid_k = lambda meta: (triton.cdiv(S, meta["BN"]), B * H, splits)
         interval_bwd_dkv_kernel[grid_k](
-            q, k, v, do, lse, delta, dk, dv, q_lo, q_hi, k_first, k_last, scale, T, S, **meta
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            q_lo,
+            q_hi,
+            k_first,
+            k_last,
+            scale,
+            T,
+            S,
+            split_rows if atomic else T * G,
+            ATOMIC=atomic,
+            **meta,
         )
-    return dq, dk, dv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 @interval_attention_bwd.register_fake
@@ -368,6 +402,7 @@ def _(
     k_first: torch.Tensor,
     k_last: torch.Tensor,
     scale: float,
+    split_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -383,11 +418,13 @@ class IntervalAttention(torch.autograd.Function):
         v: torch.Tensor,
         bounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         scale: float,
+        split_rows: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """bounds = (q_lo, q_hi, k_first, k_last); split_rows as in ``interval_attention_bwd``."""
         q_lo, q_hi, k_first, k_last = bounds
         o, lse = torch.ops.nsa.interval_attention_fwd(q, k, v, q_lo, q_hi, scale)
         ctx.save_for_backward(q, k, v, o, lse, q_lo, q_hi, k_first, k_last)
-        ctx.scale = scale
+        ctx.scale, ctx.split_rows = scale, split_rows
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -399,9 +436,9 @@ class IntervalAttention(torch.autograd.Function):
         if do is None:
             do = torch.zeros_like(o)
         dq, dk, dv = torch.ops.nsa.interval_attention_bwd(
-            q, k, v, o, lse, do, dlse, q_lo, q_hi, k_first, k_last, ctx.scale
+            q, k, v, o, lse, do, dlse, q_lo, q_hi, k_first, k_last, ctx.scale, ctx.split_rows
         )
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def token_sequences(T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -24,6 +24,10 @@ from ._common import check_kernel_dtype
 from ._interval import IntervalAttention, as_bounds, token_sequences
 from .compression import compressed_offsets
 
+# dk/dv of a compressed block sum over every later query: the backward splits those (position, head)
+# rows into chunks of this many, one program each (fp32 atomics), so that long sequences fill the GPU.
+DKV_SPLIT_ROWS = 16384
+
 
 def compressed_interval_bounds(
     T: int, TC: int, config: NSAConfig, cu_seqlens: torch.Tensor | None, device: torch.device
@@ -67,4 +71,4 @@ def compressed_attention(
         check_dim("k_cmp", k_cmp, 1, config.num_compressed(T), "TC = floor((T - l) / d) + 1, or 0 when T < l")
     check_kernel_dtype("q", q)
     bounds = compressed_interval_bounds(T, k_cmp.shape[1], config, cu_seqlens, q.device)
-    return IntervalAttention.apply(q, k_cmp, v_cmp, bounds, scale)
+    return IntervalAttention.apply(q, k_cmp, v_cmp, bounds, scale, DKV_SPLIT_ROWS)

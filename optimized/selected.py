@@ -55,12 +55,25 @@ from ._common import (
 )
 from ._sparse import sequence_lengths, sequence_tiles
 
-BIG = 1 << 30  # past every block index: "no further block"
+BIG = tl.constexpr(1 << 30)  # past every block index: "no further block"
+_LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 _TUNE_KEY = ["G", "BK", "BV", "BN"]
 
 
 @triton.jit
-def _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G: tl.constexpr, N, BM, NP):
+def _row_setup(
+    tile_seq,
+    tile_start,
+    cu_seqlens,
+    block_idx,
+    i_tile,
+    i_h,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    BM: tl.constexpr,
+    NP: tl.constexpr,
+):
     """The tile's rows: packed positions o_t [BM], query rows o_row [BM] (into [TT, HQ]), row mask, and block lists."""
     i_seq = tl.load(tile_seq + i_tile)
     eos = tl.load(cu_seqlens + i_seq + 1)
@@ -104,9 +117,10 @@ def selected_fwd_kernel(
     """o and lse of one tile of BM rows (positions x the group's heads) over the union of their blocks."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     bos, o_t, o_row, m_r, b_idx = _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G, N, BM, NP)
+    t_last = tl.max(tl.where(m_r, o_t, 0), axis=0)  # the tile's last position
     o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
     m_dk, m_dv = o_k < DK, o_v < DV
-    qk_scale = scale * LOG2E
+    qk_scale = scale * _LOG2E
     b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_r[:, None] & m_dk[None, :], other=0.0)  # [BM, BK]
 
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -119,7 +133,7 @@ def selected_fwd_kernel(
         m_n = o_n < LS
         o_key = o_s.to(tl.int64) * H + i_h  # [BN] index into [TT, H]
         m_s = m_row[:, None] & m_n[None, :] & (o_s[None, :] <= o_t[:, None])  # [BM, BN] causal: s <= t
-        m_n &= o_s <= tl.max(tl.where(m_r, o_t, 0), axis=0)  # never load past the tile's last position
+        m_n = m_n & (o_s <= t_last)  # never load past the tile's last position
         b_m, b_l, b_acc = attn_fwd_step(
             b_q,
             k + o_key[None, :] * DK + o_k[:, None],  # [BK, BN]
@@ -170,13 +184,14 @@ def selected_bwd_dq_kernel(
     """dq of one tile of BM rows: the forward's grid and union loop."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     bos, o_t, o_row, m_r, b_idx = _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G, N, BM, NP)
+    t_last = tl.max(tl.where(m_r, o_t, 0), axis=0)  # the tile's last position
     o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
     m_dk, m_dv = o_k < DK, o_v < DV
     m_rk, m_rv = m_r[:, None] & m_dk[None, :], m_r[:, None] & m_dv[None, :]
-    qk_scale = scale * LOG2E
+    qk_scale = scale * _LOG2E
     b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_rk, other=0.0)  # [BM, BK]
     b_do = tl.load(do + o_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.0)  # [BM, BV]
-    b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.0) * LOG2E  # [BM]
+    b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.0) * _LOG2E  # [BM]
     b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)  # [BM]
 
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
@@ -187,7 +202,7 @@ def selected_bwd_dq_kernel(
         m_n = o_n < LS
         o_key = o_s.to(tl.int64) * H + i_h  # [BN]
         m_s = m_row[:, None] & m_n[None, :] & (o_s[None, :] <= o_t[:, None])  # [BM, BN]
-        m_n &= o_s <= tl.max(tl.where(m_r, o_t, 0), axis=0)
+        m_n = m_n & (o_s <= t_last)
         b_dq = attn_bwd_dq_step(
             b_q,
             b_do,
@@ -246,7 +261,7 @@ def selected_bwd_dkv_kernel(
         i_h, i_blk = i_key // NB, i_key % NB
         s0, s1 = tl.load(block_start + i_blk), tl.load(block_end + i_blk)
         HQ: tl.constexpr = H * G
-        qk_scale = scale * LOG2E
+        qk_scale = scale * _LOG2E
         o_k, o_v, o_n, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN), tl.arange(0, BM)
         m_dk, m_dv = o_k < DK, o_v < DV
         o_s = s0 + o_n  # [BN] packed keys

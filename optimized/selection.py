@@ -34,10 +34,11 @@ import triton.language as tl
 from reference.config import NSAConfig
 from reference.selection import _check_selection_inputs
 
-from ._common import check_kernel_dtype, is_interpreting, next_power_of_2
+from ._common import LOG2E, check_kernel_dtype, dot_precision, is_interpreting, next_power_of_2
 from ._sparse import sequence_lengths, sequence_tiles
 
-BIG = 1 << 30  # an index past every real block: marks empty list slots
+BIG = tl.constexpr(1 << 30)  # an index past every real block: marks empty list slots
+_LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 
 
 @triton.jit
@@ -79,13 +80,14 @@ def select_blocks_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     NP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
+    """block_idx of BT positions of one sequence for kv head i_h (grid: query tiles x H)."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     i_seq = tl.load(tile_seq + i_tile)
     bos, eos = tl.load(cu_seqlens + i_seq), tl.load(cu_seqlens + i_seq + 1)
     cbos = tl.load(cu_cmp + i_seq)
     t0 = tl.load(tile_start + i_tile)
-    LOG2E: tl.constexpr = 1.4426950408889634
     R: tl.constexpr = LS // D  # compressed blocks starting in one selection block
 
     o_t = t0 + tl.arange(0, BT)  # [BT] packed positions
@@ -101,7 +103,7 @@ def select_blocks_kernel(
     o_slot = tl.arange(0, NP)
 
     b_lv = tl.where(o_slot < N, float("-inf"), float("inf"))[None, :] + tl.zeros([BT, NP], tl.float32)  # [BT, NP]
-    b_li = (BIG + o_slot)[None, :] + tl.zeros([BT, NP], tl.int32)  # [BT, NP]
+    b_li = (o_slot + BIG)[None, :] + tl.zeros([BT, NP], tl.int32)  # [BT, NP]
     b_carry = tl.zeros([BT], tl.float32)
     for j0 in range(0, n_blk, BS):
         b_acc = tl.zeros([BT, BS], tl.float32)  # [BT, BS] group scores of blocks j0 ... j0 + BS - 1
@@ -121,8 +123,8 @@ def select_blocks_kernel(
                 p_q = q + o_t.to(tl.int64)[:, None] * s_qt + i_q * s_qh + o_k[None, :]
                 b_q = tl.load(p_q, mask=m_t[:, None] & m_k[None, :], other=0.0)  # [BT, BK]
                 b_lse = tl.load(lse + o_t.to(tl.int64) * s_lt + i_q, mask=m_t, other=0.0)  # [BT]
-                b_s = tl.dot(b_q, b_kt)  # [BT, BC]
-                b_p += tl.where(m_vis, tl.math.exp2(b_s * qk_scale - b_lse[:, None] * LOG2E), 0.0)
+                b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BT, BC]
+                b_p += tl.where(m_vis, tl.math.exp2(b_s * qk_scale - b_lse[:, None] * _LOG2E), 0.0)
             b_w = _overlap(o_i[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BS] (Eq. 9)
             b_acc = tl.dot(b_p, b_w, b_acc, input_precision="tf32x3")
             b_next = _overlap(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] spill into the next chunk
@@ -182,11 +184,11 @@ def select_blocks_fwd(
     select_blocks_kernel[(tile_seq.numel(), H)](
         q2, k2, lse2, out, cu, cu_c, tile_seq, tile_start,
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), lse2.stride(0), out.stride(0), out.stride(1),
-        scale * 1.4426950408889634,
+        scale * LOG2E,
         G=HQ // H, DK=DK, L=config.compress_block, D=config.compress_stride, LS=config.select_block,
         N=n, N_INIT=config.num_initial, N_LOCAL=config.num_local,
         BT=BT, BS=BS, BC=min(128, next_power_of_2(BS * R)), BK=next_power_of_2(DK), NP=next_power_of_2(n, 2),
-        num_warps=4,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
     )  # fmt: skip
     return out.view(B, T, H, n)
 

@@ -117,7 +117,7 @@ def compression_blocks(x: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     B, T, H, D = x.shape
     l, d = config.compress_block, config.compress_stride
     if T < l:  # no complete block (spec section 3)
-        return x.new_zeros(B, 0, H, l, D)
+        return x[:, :0, :, None, :].expand(B, 0, H, l, D)  # still part of x's graph: gradient 0, not None
     return x.unfold(1, l, d).transpose(-1, -2)  # [B, TC, H, D, l] -> [B, TC, H, l, D]
 
 

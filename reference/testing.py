@@ -232,7 +232,7 @@ def assert_close_to_reference(
     if mismatch.any():
         index = tuple(mismatch.nonzero()[0].tolist())
         raise AssertionError(
-            f"{name}: at index {index} got {a[index].item()} but the float64 reference is {e[index].item()} "
+            f"{name}: at index {index} got {a[index].item():.8g} but the float64 reference is {e[index].item():.8g} "
             f"(infinities must match exactly; {int(mismatch.sum())} such elements)"
         )
     bound, ref_err, floor = tolerance(e, expected_same_dtype, dtype, ratio=ratio, floor=floor, mask=keep)
@@ -241,7 +241,7 @@ def assert_close_to_reference(
         return
     index = tuple(torch.unravel_index(err.argmax(), err.shape))
     index = tuple(int(i) for i in index)
-    worst, expected, ref = a[index].item(), e[index].item(), float(expected_same_dtype[index])
+    worst, expected, ref = a[index].item(), e[index].item(), float(expected_same_dtype.detach()[index])
     rel = abs(worst - expected) / max(abs(expected), torch.finfo(torch.float64).tiny)
     raise AssertionError(
         f"{name}: differs from the float64 reference beyond the tolerance\n"

@@ -18,11 +18,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import ListedColormap, to_rgb  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.colors import ListedColormap, to_rgb
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
+from matplotlib.ticker import MaxNLocator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,8 +113,10 @@ def fig_overview() -> None:
         ax.imshow(m.numpy(), cmap=branch_cmap(key), vmin=0, vmax=1, interpolation="nearest")
         mask_axes(ax, f"{BRANCH_NAMES[key]}: tokens behind the keys read", T)
     axes[0].set_title("compressed: tokens summarised by\nthe visible blocks (i d + l - 1 <= t)", fontsize=10)
-    axes[1].set_title(f"selected: the n = {config.num_selected} blocks of l' = {config.select_block}\n"
-                      "chosen for kv head 0 (s <= t)", fontsize=10)
+    axes[1].set_title(
+        f"selected: the n = {config.num_selected} blocks of l' = {config.select_block}\nchosen for kv head 0 (s <= t)",
+        fontsize=10,
+    )
     axes[2].set_title(f"sliding window: t - w < s <= t, w = {config.window}", fontsize=10)
 
     # Union, coloured by the branch that reads the key with the finest resolution (win > slc > cmp).
@@ -152,16 +155,20 @@ def fig_compression() -> None:
     ax0.set_ylim(TC - 0.5, -0.5)
     ax0.set_xlabel("token position")
     ax0.set_ylabel("compressed block i")
-    ax0.set_title(f"block i summarises tokens [i d, i d + l), l = {l}, d = {d};\n"
-                  f"| marks its last token i d + l - 1; T = {T} gives TC = {TC}", fontsize=10)
+    ax0.set_title(
+        f"block i summarises tokens [i d, i d + l), l = {l}, d = {d};\n"
+        f"| marks its last token i d + l - 1; T = {T} gives TC = {TC}",
+        fontsize=10,
+    )
     ax0.grid(axis="x", alpha=0.3)
 
     t = torch.arange(T)
     vis = masks.compressed_visible(t, torch.arange(TC), config)
     ax1.imshow(vis.numpy().T, cmap=branch_cmap("cmp"), vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     n_t = [max(0, (tt + 1 - l) // d + 1) for tt in range(T)]
-    ax1.step(range(T), [n - 0.5 for n in n_t], where="mid", color="black", lw=1.2,
-             label="n_t = floor((t + 1 - l) / d) + 1")
+    ax1.step(
+        range(T), [n - 0.5 for n in n_t], where="mid", color="black", lw=1.2, label="n_t = floor((t + 1 - l) / d) + 1"
+    )
     ax1.set_xlabel("query position t")
     ax1.set_ylabel("compressed block i")
     ax1.set_title("visible to query t iff i d + l - 1 <= t", fontsize=10)
@@ -174,7 +181,7 @@ def fig_selection() -> None:
     paper = nsa.NSAConfig()
     W = nsa.overlap_weights(paper.num_compressed(320), paper.num_select_blocks(320), paper)  # [TC, NS]
     config, T = SMALL, SMALL_T
-    q, k, v, k_cmp, v_cmp, gates = random_problem(config, T, seed=3)
+    q, _, _, k_cmp, v_cmp, _ = random_problem(config, T, seed=3)
     _, lse = nsa.compressed_attention(q, k_cmp, v_cmp, config)
     scores = nsa.selection_scores(q, k_cmp, lse, config)[0, :, 0]  # [T, NS] kv head 0
     block_idx = nsa.select_blocks(q, k_cmp, lse, config)[0, :, 0]  # [T, n]
@@ -187,10 +194,14 @@ def fig_selection() -> None:
         for j in range(W.shape[1]):
             if W[i, j] > 0:
                 ax.text(i, j, f"{W[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("compressed block i (tokens [16 i, 16 i + 32))")
     ax.set_ylabel("selection block j (tokens [64 j, 64 j + 64))")
-    ax.set_title("Eq. 9 as overlap: |block i ∩ block j| / d\n(paper defaults l = 32, d = 16, l' = 64: weights 1,2,2,2,1)",
-                 fontsize=10)
+    ax.set_title(
+        "Eq. 9 as overlap: |block i ∩ block j| / d\n(paper defaults l = 32, d = 16, l' = 64: weights 1,2,2,2,1)",
+        fontsize=10,
+    )
     fig.colorbar(im, ax=ax, label="weight (strides of overlap)")
 
     ax = axes[1]
@@ -202,7 +213,9 @@ def fig_selection() -> None:
     im = ax.imshow(shown, cmap=score_cmap, aspect="auto", interpolation="nearest")
     ax.set_xlabel("selection block j")
     ax.set_ylabel("query position t")
-    ax.set_title("group score P[t, g, j] (Eq. 8-10), kv head 0\n(grey: block starts after t, not a candidate)", fontsize=10)
+    ax.set_title(
+        "group score P[t, g, j] (Eq. 8-10), kv head 0\n(grey: block starts after t, not a candidate)", fontsize=10
+    )
     fig.colorbar(im, ax=ax, label="summed probability over the group's heads")
 
     ax = axes[2]
@@ -229,8 +242,12 @@ def fig_selection() -> None:
         loc="lower left",
         fontsize=8,
     )
-    fig.suptitle(f"Block selection on T = {T} random tokens (l = {config.compress_block}, d = {config.compress_stride}, "
-                 f"l' = {config.select_block})", fontsize=12, y=1.04)
+    fig.suptitle(
+        f"Block selection on T = {T} random tokens (l = {config.compress_block}, d = {config.compress_stride}, "
+        f"l' = {config.select_block})",
+        fontsize=12,
+        y=1.04,
+    )
     save(fig, "selection.png")
 
 
@@ -242,8 +259,13 @@ def fig_window() -> None:
     ax0.imshow(m, cmap=branch_cmap("win"), vmin=0, vmax=1, interpolation="nearest")
     t_star = 40
     ax0.add_patch(Rectangle((t_star - w + 0.5, t_star - 0.5), w, 1, fill=False, edgecolor="black", lw=1.5))
-    ax0.annotate(f"t = {t_star}: keys {t_star - w + 1} … {t_star}", (t_star - w / 2, t_star - 1), xytext=(2, 58),
-                 fontsize=9, arrowprops={"arrowstyle": "->"})
+    ax0.annotate(
+        f"t = {t_star}: keys {t_star - w + 1} … {t_star}",
+        (t_star - w / 2, t_star - 1),
+        xytext=(2, 58),
+        fontsize=9,
+        arrowprops={"arrowstyle": "->"},
+    )
     mask_axes(ax0, f"window mask, w = {w}: t - w < s <= t", T)
     counts = m.sum(axis=1)
     ax1.plot(range(T), counts, color=BRANCH_COLORS["win"], lw=2, label="keys read by query t")
@@ -283,13 +305,16 @@ def fig_gating() -> None:
         arrow(1.5, 3.0, 2.3, y + 0.5)
         arrow(4.9, y + 0.5, 5.6, y + 0.5)
         arrow(7.8, y + 0.5, 9.4, 3.0)
-        ax.text(8.35, (y + 0.5 + 3.0) / 2 + 0.2, f"$\\times g^{{{key}}}_{{t,h}}$", fontsize=10,
-                color=BRANCH_COLORS[key])
+        ax.text(
+            8.35, (y + 0.5 + 3.0) / 2 + 0.2, f"$\\times g^{{{key}}}_{{t,h}}$", fontsize=10, color=BRANCH_COLORS[key]
+        )
     box(2.3, 5.65, 2.6, 0.5, r"$q_t = W_Q x_t$ (shared)", fontsize=8)
     box(9.4, 2.5, 1.1, 1.0, r"$\sum$" + "\n" + r"$o^*_{t,h}$", fontsize=10)
     box(9.0, 4.9, 2.8, 1.0, "gate MLP + sigmoid on $x_t$\n$g_{t,h} \\in (0,1)^3$ per query head", fontsize=8)
     arrow(10.0, 4.9, 9.95, 3.5)
-    ax.set_title("Eq. 5: three branches with their own keys and values, mixed by per-head, per-branch gates", fontsize=11)
+    ax.set_title(
+        "Eq. 5: three branches with their own keys and values, mixed by per-head, per-branch gates", fontsize=11
+    )
     save(fig, "gating.png")
 
 
@@ -298,7 +323,8 @@ def table_decode() -> None:
     config = nsa.NSAConfig()
     paper = {8192: 2048, 16384: 2560, 32768: 3584, 65536: 5632}
     lines = [
-        "| context s | full attention | NSA: T<sub>C</sub>(s) + min(n l', s) + min(w, s) | paper Table 4 (NSA) | ratio full / NSA | paper ratio |",
+        "| context s | full attention | NSA: T<sub>C</sub>(s) + min(n l', s) + min(w, s) "
+        "| paper Table 4 (NSA) | ratio full / NSA | paper ratio |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for s, p in paper.items():
@@ -306,9 +332,7 @@ def table_decode() -> None:
         tc = config.num_compressed(s)
         sel = min(config.num_selected * config.select_block, s)
         win = min(config.window, s)
-        lines.append(
-            f"| {s} | {s} | {tc} + {sel} + {win} = **{ours}** | {p} | {s / ours:.1f}x | {s / p:.1f}x |"
-        )
+        lines.append(f"| {s} | {s} | {tc} + {sel} + {win} = **{ours}** | {p} | {s / ours:.1f}x | {s / p:.1f}x |")
     SNIPPETS.mkdir(parents=True, exist_ok=True)
     (SNIPPETS / "decode_table.md").write_text(
         "<!-- generated by scripts/make_doc_figures.py with reference.decode_tokens_read; do not edit -->\n"
@@ -331,8 +355,15 @@ def table_decode() -> None:
     tc = np.array([config.num_compressed(int(s)) for s in s_all])
     sel = np.minimum(config.num_selected * config.select_block, s_all)
     win = np.minimum(config.window, s_all)
-    ax1.stackplot(s_all, tc, sel, win, colors=[BRANCH_COLORS[k] for k in ("cmp", "slc", "win")],
-                  labels=["compressed T_C(s)", "selected min(n l', s)", "window min(w, s)"], alpha=0.85)
+    ax1.stackplot(
+        s_all,
+        tc,
+        sel,
+        win,
+        colors=[BRANCH_COLORS[k] for k in ("cmp", "slc", "win")],
+        labels=["compressed T_C(s)", "selected min(n l', s)", "window min(w, s)"],
+        alpha=0.85,
+    )
     ax1.set_xscale("log")
     ax1.set_xlabel("context length s (tokens)")
     ax1.set_ylabel("tokens read per step")

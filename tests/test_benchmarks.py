@@ -11,7 +11,7 @@ import torch
 
 import reference as ref
 from benchmarks import decode, flops, plot, run
-from benchmarks.timing import Budget, rotation_sets, time_calls
+from benchmarks.timing import Budget, rotation_sets, time_calls, time_graph
 from reference.masks import causal, compressed_visible, selected_token_mask, window_token_mask
 
 SMALL_CONFIGS = [
@@ -98,6 +98,7 @@ def test_timing_on_the_cpu() -> None:
 
 def _bench(tmp_path: Path, *extra: str) -> dict:
     args = ["--impl", "reference", "--configs", "tiny", "--lengths", "48", "--check-len", "48", "--min-reps", "1"]
+    args += ["--device", "cpu"]  # CPU smoke test also on the GPU machine
     run.main([*args, "--out", str(tmp_path), *extra])
     return json.loads((tmp_path / "bench.json").read_text())
 
@@ -178,6 +179,7 @@ def test_eager_decode_step_matches_the_prefill(context: int, config: ref.NSAConf
 
 def test_decode_harness(tmp_path: Path) -> None:
     argv = ["--config", "tiny", "--contexts", "64", "--batches", "2", "--min-reps", "1", "--out", str(tmp_path)]
+    argv += ["--device", "cpu"]
     factories = ["benchmarks.decode:eager_step", "no_such_module:step"]
     assert decode.main([*argv, "--nsa-factory", *factories]) == 0
     data = json.loads((tmp_path / "decode.json").read_text())
@@ -186,3 +188,14 @@ def test_decode_harness(tmp_path: Path) -> None:
     assert set(recs) == {"sdpa", "sdpa_gqa", "benchmarks.decode:eager_step"}
     assert all(r["status"] == "ok" and r["rel_err"] < 1e-5 for r in recs.values())
     assert recs["benchmarks.decode:eager_step"]["tokens_read"] == ref.decode_tokens_read(64, run.CONFIGS["tiny"].nsa)
+
+
+@pytest.mark.gpu
+def test_baseline_check_and_graph_timing_on_the_gpu() -> None:
+    device = torch.device("cuda")
+    cfg = run.BenchConfig("small", heads_q=8, heads_kv=2, dim_k=64, dim_v=64)
+    mode, info = run.check_baseline("flash", cfg, 256, device)
+    assert mode is not None, info
+    x = torch.randn(1 << 20, device=device)
+    timing, method = time_graph([lambda: x.mul(2.0).sum()], device, budget_ms=10.0)
+    assert method == "cuda_graph" and timing.median_ms > 0

@@ -7,6 +7,7 @@ import torch
 from hypothesis import example, given, settings
 from kernel_problems import DEVICE, kernel_problems, problem
 
+import optimized.compressed as compressed_module
 import reference
 from optimized.compressed import compressed_attention
 from reference.config import NSAConfig
@@ -86,3 +87,12 @@ def test_compressed_checks_compressed_length() -> None:
 )
 def test_compressed_gpu_large(p: NSAProblem) -> None:
     check_against_reference("compressed_attention", compressed_attention, p, device="cuda")
+
+
+@settings(max_examples=5)
+@given(kernel_problems(max_seq_len=48))
+def test_compressed_split_backward(p: NSAProblem) -> None:
+    """The long-sequence dk/dv path (query rows split over programs, fp32 atomics) at interpreter sizes."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compressed_module, "DKV_SPLIT_ROWS", 40)
+        check_against_reference("compressed_attention", compressed_attention, p, device=DEVICE)

@@ -34,7 +34,11 @@ def test_combine_gates_matches_reference(dtype: torch.dtype) -> None:
     x64 = [torch.rand(*shape[:3], 3, generator=gen, dtype=torch.float64), *x64]
     do = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
     runs = []
-    for fn, cast in ((reference.combine_gates, torch.float64), (reference.combine_gates, dtype), (combine_gates, dtype)):
+    for fn, cast in (
+        (reference.combine_gates, torch.float64),
+        (reference.combine_gates, dtype),
+        (combine_gates, dtype),
+    ):
         xs = [x.to(dtype).to(device=DEVICE, dtype=cast).requires_grad_() for x in x64]
         o = fn(*xs)
         runs.append((o, *torch.autograd.grad(o, xs, do.to(device=DEVICE, dtype=o.dtype))))

@@ -125,4 +125,5 @@ def test_selected_gpu_timing_report(capsys: pytest.CaptureFixture[str]) -> None:
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     with capsys.disabled():
-        print(f"\nselected_attention T={T} HQ={H * G} H={H} D={D}: fwd {1e3 * (t1 - t0):.2f} ms, bwd {1e3 * (t2 - t1):.2f} ms")
+        print(f"\nselected_attention T={T} HQ={H * G} H={H} D={D}: ", end="")
+        print(f"fwd {1e3 * (t1 - t0):.2f} ms, bwd {1e3 * (t2 - t1):.2f} ms")

@@ -118,7 +118,7 @@ def test_one_training_step_reduces_the_loss(attention: str) -> None:
     before.backward()
     opt.step()
     after, _ = recall_loss(model, batch)
-    assert float(after) < float(before)
+    assert after.item() < before.item()
 
 
 def test_checkpoint_roundtrip(tmp_path: Path) -> None:

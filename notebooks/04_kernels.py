@@ -1,0 +1,284 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Inside the kernels
+#
+# ## What you will learn
+#
+# * How the Triton kernel for the **selected** branch (`optimized/selected.py`) divides its work:
+#   the query heads of one GQA group and a few query positions form the rows of one tile, the grid
+#   runs over (row tiles, kv heads), and each program loops over the selected blocks inside.
+# * Why this layout suits NSA: the heads of a group share their blocks (notebook 02), so each key
+#   block is loaded from memory once for all of them.
+# * How to run the `optimized` kernels next to the `reference` (same function names, same arguments)
+#   and measure the error per branch, on a CPU through the Triton interpreter.
+# * Where to find the GPU benchmark results.
+#
+# The Triton interpreter (`TRITON_INTERPRET=1`) runs `@triton.jit` kernels on CPU tensors, one
+# program after another, which is slow but exact enough to check the arithmetic. It must be set
+# before `optimized` is imported, so the first code cell does that when there is no GPU.
+
+# %%
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before `optimized` (and triton.jit) is imported
+
+import sys
+import time
+from pathlib import Path
+
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "reference" / "__init__.py").exists())
+sys.path.insert(0, str(ROOT))
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import FancyArrowPatch, Rectangle
+
+import reference
+from reference import NSAConfig
+from reference.compression import mean_pool
+from reference.viz import BRANCH_COLORS, BRANCH_LABELS
+
+try:
+    import optimized
+
+    OPTIMIZED_ERROR = None
+except Exception as err:  # the kernels are optional for the drawings below
+    optimized, OPTIMIZED_ERROR = None, err
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+print("device:", DEVICE, "| TRITON_INTERPRET =", os.environ.get("TRITON_INTERPRET"))
+print("optimized:", "imported" if optimized else f"NOT available ({OPTIMIZED_ERROR!r}); the kernel runs are skipped")
+
+# %% [markdown]
+# ## The problem we look at
+#
+# Small enough for the interpreter: `T = 128` tokens, 8 query heads in 2 GQA groups of `G = 4`
+# (`HQ = 8, H = 2`), head dim 32, and `l=16, d=8, l'=16, n=4, w=32`, so that queries from
+# `t = 64` on choose 4 of up to 8 blocks. The block indices come from the reference.
+
+# %%
+cfg = NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=4, window=32)
+T, HQ, H, D = 128, 8, 2, 32
+G = HQ // H
+g = torch.Generator().manual_seed(0)
+q = torch.randn(1, T, HQ, D, generator=g)
+k = torch.randn(1, T, H, D, generator=g)
+v = torch.randn(1, T, H, D, generator=g)
+k_cmp, v_cmp = mean_pool(k, cfg), mean_pool(v, cfg)
+gates = torch.rand(1, T, HQ, 3, generator=g)
+ref = reference.nsa_attention(q, k_cmp, v_cmp, k, v, k, v, gates, cfg, return_aux=True)
+block_idx = ref.block_idx  # [1, T, H, n]
+print("block_idx", tuple(block_idx.shape), "| query 101, kv head 0 reads blocks", block_idx[0, 101, 0].tolist())
+
+# %% [markdown]
+# ## How the selected-attention kernel tiles its work
+#
+# The paper (section 3.4) puts the query positions on the grid and loads *all the query heads of a
+# GQA group* for a position together, because they share the selected blocks. Our kernel does the
+# same with one refinement: tensor-core tiles want at least 16 rows, so the `G` heads of `16 / G`
+# consecutive positions are flattened into the `BM = 16` rows of one tile, row `r = t G + g`
+# (with `G = 16`, the paper's group size, a tile is exactly one position).
+#
+# * **Grid**: `(number of row tiles, H)`: program `(i, h)` owns rows `16 i … 16 i + 15` of kv head `h`.
+# * **Inside a program**: load the tile's queries `[BM, DK]` and its positions' block lists once; loop
+#   over the *union* of those blocks in ascending order; for each block load its `l'` keys and values
+#   once and run one online-softmax step for all 16 rows, masking the rows whose position did not
+#   select that block and the keys after each row's position.
+
+# %%
+BM = 16  # rows per tile, as in optimized/selected.py
+n_tiles = T * G // BM
+tile, head = (101 * G) // BM, 0  # the program that owns query position 101 of kv head 0
+rows = np.arange(tile * BM, (tile + 1) * BM)
+pos, hq = rows // G, rows % G
+print(f"grid = ({n_tiles} row tiles, {H} kv heads) = {n_tiles * H} programs")
+print(f"program ({tile}, {head}) owns positions {sorted(set(pos.tolist()))}, query heads "
+      f"{sorted({head * G + x for x in hq.tolist()})}")
+
+fig, ax = plt.subplots(figsize=(14, 3.6), layout="constrained")
+for i in range(n_tiles):
+    for h in range(H):
+        chosen = (i, h) == (tile, head)
+        ax.add_patch(Rectangle((i, h), 0.92, 0.9, color=BRANCH_COLORS["slc"] if chosen else "0.85"))
+        if i % 4 == 0 or chosen:
+            ax.text(i + 0.46, h + 0.45, f"t {i * BM // G}-{(i + 1) * BM // G - 1}", ha="center", va="center",
+                    fontsize=6, rotation=90)
+ax.set(xlim=(0, n_tiles), ylim=(0, H), xlabel=f"program_id(0): row tile i (rows 16i … 16i+15 = {BM // G} positions x "
+       f"{G} heads)", ylabel="program_id(1): kv head h", title="The selected-attention grid: one cell = one program "
+       f"(orange: the program drawn below)")
+ax.set_yticks([0.45, 1.45], ["h = 0", "h = 1"])
+ax.set_xticks([])
+plt.show()
+
+# %% [markdown]
+# Now one program. Left: its 16 rows, `(position t, head g)`, and the block list of each position
+# (real `block_idx`, shared by the group's heads). Right: the loop. For each block of the union, the
+# `[16 rows x l']` score tile the program computes: orange entries count, grey ones are computed but
+# masked (the row's position did not choose the block, or the key comes after the row's position),
+# white ones are never loaded (keys past the tile's last position).
+
+# %%
+lists = {int(t): [int(j) for j in block_idx[0, t, head].tolist() if j >= 0] for t in sorted(set(pos.tolist()))}
+union = sorted(set().union(*lists.values()))
+ls = cfg.select_block
+print("block lists:", lists)
+print("union, in loop order:", union)
+
+fig = plt.figure(figsize=(16, 5.5), layout="constrained")
+gs = fig.add_gridspec(1, len(union) + 2, width_ratios=[2.2] + [1] * len(union) + [0.12])
+ax0 = fig.add_subplot(gs[0, 0])
+table = np.zeros((BM, cfg.num_selected))
+for r in range(BM):
+    table[r] = [union.index(j) + 1 for j in lists[int(pos[r])]]
+ax0.imshow(table, cmap="Oranges", vmin=0, vmax=len(union) + 1, aspect="auto")
+for r in range(BM):
+    for c, j in enumerate(lists[int(pos[r])]):
+        ax0.text(c, r, str(j), ha="center", va="center", fontsize=9)
+ax0.set_yticks(range(BM), [f"r={rows[r]}: t={pos[r]}, g={hq[r]}" for r in range(BM)], fontsize=8)
+ax0.set_xticks(range(cfg.num_selected), [f"slot {c}" for c in range(cfg.num_selected)])
+ax0.set_title(f"program ({tile}, {head}): rows and their blocks")
+
+mask_cmap = ListedColormap(["white", "0.8", BRANCH_COLORS["slc"]])
+last_t = pos.max()
+for step, j in enumerate(union):
+    ax = fig.add_subplot(gs[0, step + 1])
+    s = j * ls + np.arange(ls)
+    selected_row = np.array([j in lists[int(t)] for t in pos])[:, None]
+    loaded = (s <= last_t)[None, :].repeat(BM, 0)
+    kept = selected_row & (s[None, :] <= pos[:, None])
+    im = ax.imshow(np.where(kept, 2, np.where(loaded, 1, 0)), cmap=mask_cmap, vmin=0, vmax=2, aspect="auto")
+    ax.set_title(f"step {step + 1}: block {j}\nkeys {s[0]}-{s[-1]}", fontsize=9)
+    ax.set_xlabel("key offset in block")
+    ax.set_yticks([])
+cb = fig.colorbar(im, cax=fig.add_subplot(gs[0, -1]), ticks=[1 / 3, 1, 5 / 3])
+cb.ax.set_yticklabels(["not loaded", "computed, masked", "kept"])
+fig.suptitle("One program of the selected-attention kernel: rows = 4 positions x 4 heads, loop over the union "
+             "of their blocks; each K/V block is loaded once for all 16 rows")
+plt.show()
+
+kept_total = sum(((np.array([j in lists[int(t)] for t in pos])[:, None]) & ((j * ls + np.arange(ls))[None, :]
+                  <= pos[:, None])).sum() for j in union)
+computed_total = sum(BM * int(((j * ls + np.arange(ls)) <= last_t).sum()) for j in union)
+print(f"this program loads {len(union)} blocks once each (a per-head kernel would load "
+      f"{sum(len(b) for b in lists.values()) * G}), and {kept_total / computed_total:.0%} of the "
+      f"score entries it computes are kept")
+
+# %% [markdown]
+# Neighbouring positions mostly choose the same blocks (the initial and local blocks are forced, and
+# the scores change slowly), so the union is usually only a little larger than `n`. With the paper's
+# `G = 16` heads per group a tile is exactly one position and nothing is wasted.
+#
+# The other kernels follow the same row layout (`G` heads x positions per tile): the compressed and
+# window branches loop over a contiguous range of keys instead of a block list, and the selection
+# kernel (`optimized/selection.py`) recomputes the compressed scores block by block, maps them with
+# the overlap weights and keeps a running top-`n`, so the `[T, NS]` score matrix is never written to
+# memory.
+#
+# ## Running the kernels against the reference
+#
+# Same inputs, same call, `optimized` instead of `reference`. `return_aux=True` returns every branch,
+# the log-sum-exp and the block indices, so we can compare branch by branch.
+
+# %%
+def run_optimized(args):
+    """optimized.nsa_attention with every branch; falls back to the branch functions without return_aux."""
+    try:
+        return optimized.nsa_attention(*args, cfg, return_aux=True)
+    except TypeError:  # an optimized.nsa_attention without return_aux: call the branches one by one
+        o_cmp, lse = optimized.compressed_attention(args[0], args[1], args[2], cfg)
+        idx = optimized.select_blocks(args[0], args[1], lse, cfg)
+        o_slc = optimized.selected_attention(args[0], args[3], args[4], idx, cfg)
+        o_win = optimized.sliding_window_attention(args[0], args[5], args[6], cfg)
+        return reference.NSAOutput(optimized.nsa_attention(*args, cfg), o_cmp, o_slc, o_win, lse, idx)
+
+
+errors = None
+if optimized is None:
+    print(f"SKIPPED: `import optimized` failed ({OPTIMIZED_ERROR!r}). The drawings above do not need it.")
+else:
+    args = [x.to(DEVICE) for x in (q, k_cmp, v_cmp, k, v, k, v, gates)]
+    start = time.perf_counter()
+    try:
+        opt = run_optimized(args)
+        # The selected kernel on its own, with the reference's block indices (isolates it from the selection).
+        o_slc_alone = optimized.selected_attention(args[0], args[3], args[4], block_idx.to(DEVICE), cfg)
+    except Exception as err:
+        print(f"SKIPPED: the optimized kernels failed to run here: {type(err).__name__}: {str(err)[:300]}")
+        print("(the kernels' own tests, `make test`, say more; the drawings above do not need them)")
+    else:
+        elapsed = time.perf_counter() - start
+        print(f"optimized kernels took {elapsed:.1f} s on {DEVICE}"
+              + (" (interpreter: one program at a time, not a benchmark)" if DEVICE == "cpu" else ""))
+        errors = {
+            name: (getattr(opt, field).float().cpu() - getattr(ref, field).float()).abs().max().item()
+            for name, field in [("cmp", "o_cmp"), ("slc", "o_slc"), ("win", "o_win"), ("gated sum", "o")]
+        }
+        finite = torch.isfinite(ref.lse_cmp)
+        errors["lse (cmp)"] = (opt.lse_cmp.float().cpu()[finite] - ref.lse_cmp[finite]).abs().max().item()
+        same_blocks = torch.equal(opt.block_idx.cpu().int(), ref.block_idx.int())
+        print(f"block_idx identical to the reference: {same_blocks}")
+        for name, err in errors.items():
+            print(f"max |optimized - reference| {name:>10}: {err:.2e}")
+        alone = (o_slc_alone.float().cpu() - ref.o_slc).abs().max().item()
+        print(f"optimized.selected_attention with the reference's block_idx: max error {alone:.2e}")
+        assert same_blocks and max(errors.values()) < 1e-4, "the kernels disagree with the reference"
+
+# %%
+if errors is not None:
+    names = list(errors)
+    colors = [BRANCH_COLORS.get(n, "0.4") for n in ["cmp", "slc", "win"]] + ["0.2", BRANCH_COLORS["cmp"]]
+    fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
+    ax.bar([BRANCH_LABELS.get(n, n) for n in names], [max(e, 1e-12) for e in errors.values()], color=colors)
+    ax.set(yscale="log", ylabel="max |optimized - reference|",
+           title=f"Kernels vs reference, float32, T={T}, HQ={HQ}, H={H}, D={D} ({DEVICE})")
+    ax.axhline(1e-5, color="k", ls="--", lw=0.8, label="1e-5")
+    ax.legend()
+    plt.show()
+
+# %% [markdown]
+# In float32 the errors printed above are at rounding level: the kernels add the same terms in a
+# different order (tiles, online softmax, `exp2`). On a GPU, `tl.dot` in float32 defaults to TF32 (errors around `1e-2`) unless the kernel
+# asks for IEEE precision, and bf16 inputs give errors around `1e-2` as well; the test suite checks
+# those cases on the GPU (`make test-gpu`).
+#
+# ## Benchmarks
+#
+# The GPU benchmarks (`make bench`, on the GPU machine) write their plots to `benchmarks/results/`.
+
+# %%
+from IPython.display import Image, display
+
+pngs = sorted((ROOT / "benchmarks" / "results").glob("*.png"))
+if not pngs:
+    print("No benchmark plot in benchmarks/results/ yet: run `make bench` on a GPU machine to create one.")
+for png in pngs:
+    print(png.relative_to(ROOT))
+    display(Image(filename=str(png)))
+
+# %% [markdown]
+# ## What to try next
+#
+# * Set `HQ = 32, H = 2` (`G = 16`): each program is then exactly one position, as in the paper's
+#   kernel; redraw the tile and check that nothing is computed and masked except after `t`.
+# * Give every position in a tile a different random block list (random `block_idx`, respecting
+#   causality) and watch the union, and the wasted grey area, grow.
+# * Read `optimized/selected.py`: find the `while i_blk < BIG` loop that walks the union, and the
+#   mask `m_s` drawn above.
+# * On a GPU, compare float32 and bfloat16 errors, and time `optimized.nsa_attention` against the
+#   reference at `T = 8192`.
