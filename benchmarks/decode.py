@@ -349,6 +349,8 @@ def summary_table(data: dict[str, Any]) -> str:
         model = key[1] / ref.decode_tokens_read(key[1], CONFIGS[data["config"]].nsa)
         gbps = f"{best['gbps']:9.0f}" if best else f"{'-':>9}"
         lines.append(f"{key[0]:>5} {key[1]:>7} " + " ".join(cells) + f" {speed} {model:7.2f} {gbps}")
+    problems = dict.fromkeys((r["impl"], r["status"][:200]) for r in recs if r["status"] != "ok")
+    lines += [f"  {short[impl]}: {status}" for impl, status in problems]
     return "\n".join(lines)
 
 

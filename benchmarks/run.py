@@ -370,39 +370,42 @@ def check_baseline(
 # ----------------------------------------------------------------------------- measurement
 
 
-def peak_gib(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Memory allocated at the peak of ``fn`` beyond what was allocated before, GiB (None on the CPU)."""
+def memory_mark(device: torch.device) -> int:
+    """Start a peak-memory window: reset the peak and return what is allocated now (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def peak_since(device: torch.device, mark: int) -> float | None:
+    """GiB allocated at the peak since ``memory_mark`` beyond what was allocated then (None on the CPU)."""
     if device.type != "cuda":
         return None
     synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return (torch.cuda.max_memory_allocated(device) - mark) / 2**30
 
 
 def measure(part: Part, device: torch.device, budget_ms: float, with_bwd: bool, min_reps: int = 3) -> dict[str, Any]:
-    """fwd (and bwd) timings of one part, the bwd method, and the peak memory of one fwd(+bwd)."""
+    """fwd (and bwd) timings of one part, the bwd method, and the peak memory of a forward (with its
+    graph) plus one backward: a training step's working memory for this part."""
     timer = functools.partial(time_calls, device=device, budget_ms=budget_ms, min_reps=min_reps)
+    mark = memory_mark(device)
     out: dict[str, Any] = {"fwd": timer([part.fwd])}
-    if not (with_bwd and part.grad_inputs):
-        out["peak_gib"] = peak_gib(part.fwd, device)
-        return out
-    held = [part.fwd()]  # the graph that the backward replays; dropped before the memory measurement
-    grad = torch.randn_like(held[0])
-    try:
-        out["bwd"] = timer([lambda: torch.autograd.grad(held[0], part.grad_inputs, grad, retain_graph=True)])
-        out["bwd_method"] = "backward alone (retained graph)"
-    except RuntimeError:
-        both = time_calls(
-            [lambda: torch.autograd.grad(part.fwd(), part.grad_inputs, grad)], device, budget_ms=budget_ms
-        )
-        fwd = out["fwd"]
-        out["bwd"] = Timing(both.median_ms - fwd.median_ms, both.min_ms - fwd.min_ms, both.reps)
-        out["bwd_method"] = "fwd+bwd minus fwd"
-    held.clear()
-    out["peak_gib"] = peak_gib(lambda: torch.autograd.grad(part.fwd(), part.grad_inputs, grad), device)
+    if with_bwd and part.grad_inputs:
+        held = [part.fwd()]  # the graph that the backward replays
+        grad = torch.randn_like(held[0])
+        try:
+            out["bwd"] = timer([lambda: torch.autograd.grad(held[0], part.grad_inputs, grad, retain_graph=True)])
+            out["bwd_method"] = "backward alone (retained graph)"
+        except RuntimeError:
+            both = timer([lambda: torch.autograd.grad(part.fwd(), part.grad_inputs, grad)])
+            fwd = out["fwd"]
+            out["bwd"] = Timing(both.median_ms - fwd.median_ms, both.min_ms - fwd.min_ms, both.reps)
+            out["bwd_method"] = "fwd+bwd minus fwd"
+        held.clear()
+    out["peak_gib"] = peak_since(device, mark)
     return out
 
 
@@ -519,6 +522,16 @@ def summary_table(data: dict[str, Any]) -> str:
         for row in speedups(recs, name):
             cells = " ".join(f"{_fmt(row[f'{b}_ms'], 9)} {_fmt(row[f'{b}_speedup'], 6)}" for b in BASELINES)
             lines.append(f"{row['seq_len']:>7} {row['pass']:>4} {_fmt(row['nsa_ms'])} {cells}")
+        mine = [
+            r for r in recs if r["config"] == name and r["part"] in ("core", "full") and r.get("peak_gib") is not None
+        ]
+        if mine:
+            longest = max(r["seq_len"] for r in mine)
+            peaks = {r["impl"]: r["peak_gib"] for r in mine if r["seq_len"] == longest}
+            lines.append(
+                f"peak GiB (fwd+bwd working memory) at T={longest}: "
+                + "  ".join(f"{k} {v:.2f}" for k, v in peaks.items())
+            )
         parts = [p for p in (*PARTS, "core_nowin") if any(r["part"] == p and r["config"] == name for r in recs)]
         if parts:
             lines.append("      T pass " + " ".join(f"{p:>17}" for p in parts) + "   (ms / TFLOP/s)")

@@ -14,6 +14,8 @@ never depends on a hand-kept list:
 * **Benchmark results.** ``<!-- benchmark-results -->`` expands to the Markdown tables and the PNG plots
   found in ``benchmarks/results/`` (or to a note that there are none yet); the PNGs are added to the site.
 * **Lists.** ``<!-- notebook-list -->`` expands to a list of the notebooks that exist.
+* **The spec.** If the repository holds ``shared/nsa-spec.md`` (the project's definition), it becomes the
+  page ``spec.md`` ("The definition"), listed under "The algorithm".
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ log = logging.getLogger("mkdocs.hooks.nsa")
 
 NOTEBOOK_GLOB = "[0-9][0-9]_*.py"
 NAV_SECTION = "Notebooks"
+SPEC = "shared/nsa-spec.md"
+SPEC_SECTION, SPEC_TITLE = "The algorithm", "The definition (spec)"
 # Modules listed first, in reading order; any other public module follows alphabetically.
 MODULE_ORDER = {
     "reference": [
@@ -77,6 +81,11 @@ def _notebook_title(path: Path) -> str:
     return path.stem.split("_", 1)[-1].replace("_", " ").capitalize()
 
 
+def _spec(config) -> Path | None:
+    path = _root(config) / SPEC
+    return path if path.is_file() else None
+
+
 def _results_dir(config) -> Path:
     return _root(config) / "benchmarks" / "results"
 
@@ -85,6 +94,11 @@ def _results_dir(config) -> Path:
 
 
 def on_config(config):
+    if _spec(config) is not None and config.nav is not None:
+        for item in config.nav:
+            if isinstance(item, dict) and isinstance(item.get(SPEC_SECTION), list):
+                item[SPEC_SECTION].append({SPEC_TITLE: "spec.md"})
+                break
     entries = [{_notebook_title(p): f"notebooks/{p.name}"} for p in _notebooks(config)]
     if not entries or config.nav is None:
         return config
@@ -111,6 +125,15 @@ def on_files(files: Files, config) -> Files:
     for path in paths:
         src = path.relative_to(root).as_posix()
         files.append(File(src, src_dir=root, dest_dir=config.site_dir, use_directory_urls=config.use_directory_urls))
+    spec = _spec(config)
+    if spec is not None and files.get_file_from_path("spec.md") is None:
+        note = (
+            '!!! info "The project\'s definition"\n    This page is `shared/nsa-spec.md`, included verbatim: '
+            "the document that `reference/`, `optimized/`, the tests and these pages follow.\n\n"
+        )
+        text = spec.read_text(encoding="utf-8")
+        title, _, body = text.partition("\n")  # keep the spec's own H1 first, then the note
+        files.append(File.generated(config, "spec.md", content=f"{title}\n\n{note}{body}"))
     return files
 
 

@@ -182,7 +182,8 @@ for name in ["cmp", "slc", "win"]:
     k3, v3 = k.clone(), v.clone()
     v3[0, s_read] += 10.0
     moved_read = (branch_output(name, k3, v3)[0, t0] - base).abs().max().item()
-    print(f"{BRANCH_LABELS[name]:>15}: change {unread.sum().item():3d} unread tokens -> output moves {moved_unread:.1e};"
+    print(f"{BRANCH_LABELS[name]:>15}: change {unread.sum().item():3d} unread tokens -> "
+          f"output moves {moved_unread:.1e};"
           f" change read token {s_read:3d} -> moves {moved_read:.2f}")
     assert moved_unread == 0.0 and moved_read > 0
 
@@ -222,8 +223,8 @@ print(f"keys read:  {n_t + rows['slc'].sum().item() + rows['win'].sum().item()} 
 # ## The paper's defaults at T = 2048
 #
 # Same picture with `l=32, d=16, l'=64, n=16, w=512`: 32 selection blocks, of which each query
-# reads 16. A 2048 x 2048 image has more pixels than the screen, so each pixel below is a 4 x 4 cell and its colour shows the **fraction** of the
-# cell's (query, key) pairs that the branch reads.
+# reads 16. A 2048 x 2048 image has more pixels than the screen, so each pixel below is a 4 x 4
+# cell and its colour shows the **fraction** of the cell's (query, key) pairs that the branch reads.
 
 # %%
 T_big, cell = 2048, 4

@@ -51,7 +51,7 @@ from reference import (
     selection_scores,
 )
 from reference.compression import mean_pool
-from reference.viz import BRANCH_COLORS, FULL_COLOR
+from reference.viz import BRANCH_COLORS
 
 CMP, SLC = BRANCH_COLORS["cmp"], BRANCH_COLORS["slc"]
 
@@ -206,11 +206,15 @@ axes[-1].set_xlabel("compressed block i (and its first token); black box: blocks
 plt.show()
 
 print(f"{'j':>2} | {'tokens of j':>11} | {'overlap form: i (tokens)':<34} | Eq. 9 from 1: i (tokens)")
+def span(Wf, j):
+    """The compressed blocks selection block j sums under weights Wf, and the tokens they cover."""
+    nz = Wf[:, j].nonzero().flatten()
+    return f"{nz.min().item()}..{nz.max().item()} ([{nz.min().item() * d}, {nz.max().item() * d + l}))"
+
+
 for j in range(4):
-    def span(Wf):
-        nz = Wf[:, j].nonzero().flatten()
-        return f"{nz.min().item()}..{nz.max().item()} ([{nz.min().item() * d}, {nz.max().item() * d + l}))"
-    print(f"{j:>2} | [{j * ls:>3}, {(j + 1) * ls:>3}) | {span(W):<34} | {span(forms['Eq. 9 literal, selection blocks from 1'])}")
+    literal = span(forms["Eq. 9 literal, selection blocks from 1"], j)
+    print(f"{j:>2} | [{j * ls:>3}, {(j + 1) * ls:>3}) | {span(W, j):<34} | {literal}")
 
 # %% [markdown]
 # The literal 1-based reading gives block `4j+4` (tokens `[64j+64, 64j+96)`, entirely inside the

@@ -43,6 +43,65 @@ from ._common import (
 _TUNE_KEY = ["G", "BK", "BV"]
 
 
+@triton.jit
+def _phases(lo, hi, inner_lo, inner_hi, BLOCK: tl.constexpr):
+    """Split the tiles ``lo, lo + BLOCK, ...`` of [lo, hi) into [lo, a) masked, [a, b) unmasked, [b, hi) masked.
+
+    The unmasked tiles lie inside [inner_lo, inner_hi): the range where no element of a tile is masked.
+    """
+    inner_lo = tl.minimum(tl.maximum(inner_lo, lo), hi)
+    inner_hi = tl.minimum(tl.maximum(inner_hi, lo), hi)
+    k_a = (inner_lo - lo + BLOCK - 1) // BLOCK  # the first tile that starts at or after inner_lo
+    k_b = tl.maximum((inner_hi - lo) // BLOCK, k_a)  # tiles before k_b end at or before inner_hi
+    return lo + k_a * BLOCK, lo + k_b * BLOCK
+
+
+@triton.jit
+def _fwd_key_loop(
+    b_q,
+    b_m,
+    b_l,
+    b_acc,
+    k,
+    v,
+    key_base,
+    b_lo,
+    b_hi,
+    s_start,
+    s_end,
+    S,
+    qk_scale,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BN: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax of the rows over the key tiles s0 = s_start, s_start + BN, ... < s_end.
+
+    key_base = (b * S) * H + h (int64); b_lo/b_hi [BM] the rows' intervals. MASKED=False: every row sees
+    every key of these tiles (the interior of the band), so no interval mask is built.
+    """
+    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
+    m_dk, m_dv = o_k < DK, o_v < DV
+    for s0 in range(s_start, s_end, BN):
+        o_s = s0 + o_n  # [BN]
+        o_key = key_base + o_s.to(tl.int64) * H  # [BN] int64 index into [B, S, H]
+        p_k = k + o_key[None, :] * DK + o_k[:, None]  # [BK, BN]
+        p_v = v + o_key[:, None] * DV + o_v[None, :]  # [BN, BV]
+        if MASKED:
+            m_n = o_s < S
+            m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
+            m_k, m_v = m_dk[:, None] & m_n[None, :], m_n[:, None] & m_dv[None, :]
+        else:
+            m_s, m_k, m_v = True, m_dk[:, None], m_dv[None, :]
+        b_m, b_l, b_acc = attn_fwd_step(b_q, p_k, p_v, m_k, m_v, m_s, qk_scale, b_m, b_l, b_acc, DOT_PRECISION)
+    return b_m, b_l, b_acc
+
+
 @triton.autotune(
     configs=autotune_configs(
         {"BM": (128, 64), "BN": (64, 128)}, num_warps=(8, 4), num_stages=(3, 2), interpreter={"BM": 32, "BN": 32}
@@ -80,41 +139,135 @@ def interval_fwd_kernel(
     m_r = o_r < T * G
     o_t = o_r // G
     o_row = (i_b * T + o_t) * HQ + i_h * G + o_r % G  # [BM] int64 index into [B, T, HQ]
-    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
-    m_dk, m_dv = o_k < DK, o_v < DV
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    m_rk, m_rv = m_r[:, None] & (o_k[None, :] < DK), m_r[:, None] & (o_v[None, :] < DV)
 
-    b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_r[:, None] & m_dk[None, :], other=0.0)  # [BM, BK]
+    b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_rk, other=0.0)  # [BM, BK]
     b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)  # [BM]
     b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)  # [BM]: padded rows see nothing
-    s_lo = tl.load(q_lo + (i_m * BM) // G)  # intervals grow with t: the tile's key range
-    s_hi = tl.load(q_hi + (tl.minimum(i_m * BM + BM, T * G) - 1) // G)
+    t_first, t_last = (i_m * BM) // G, (tl.minimum(i_m * BM + BM, T * G) - 1) // G
+    s_lo, s_hi = tl.load(q_lo + t_first), tl.load(q_hi + t_last)  # intervals grow with t: the tile's keys
+    s_a, s_b = _phases(s_lo, s_hi, tl.load(q_lo + t_last), tl.load(q_hi + t_first), BN)
 
+    key_base = i_b * S * H + i_h
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BV], dtype=tl.float32)
-    for s0 in range(s_lo, s_hi, BN):
-        o_s = s0 + o_n  # [BN]
-        m_n = o_s < s_hi
-        o_key = (i_b * S + o_s) * H + i_h  # [BN] int64 index into [B, S, H]
-        p_k = k + o_key[None, :] * DK + o_k[:, None]  # [BK, BN]
-        p_v = v + o_key[:, None] * DV + o_v[None, :]  # [BN, BV]
-        m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
-        b_m, b_l, b_acc = attn_fwd_step(
-            b_q,
-            p_k,
-            p_v,
-            m_dk[:, None] & m_n[None, :],
-            m_n[:, None] & m_dv[None, :],
-            m_s,
-            qk_scale,
-            b_m,
-            b_l,
-            b_acc,
-            DOT_PRECISION,
-        )
+    b_m, b_l, b_acc = _fwd_key_loop(
+        b_q,
+        b_m,
+        b_l,
+        b_acc,
+        k,
+        v,
+        key_base,
+        b_lo,
+        b_hi,
+        s_lo,
+        s_a,
+        S,
+        qk_scale,
+        H,
+        DK,
+        DV,
+        BK,
+        BV,
+        BN,
+        True,
+        DOT_PRECISION,
+    )
+    b_m, b_l, b_acc = _fwd_key_loop(
+        b_q,
+        b_m,
+        b_l,
+        b_acc,
+        k,
+        v,
+        key_base,
+        b_lo,
+        b_hi,
+        s_a,
+        s_b,
+        S,
+        qk_scale,
+        H,
+        DK,
+        DV,
+        BK,
+        BV,
+        BN,
+        False,
+        DOT_PRECISION,
+    )
+    b_m, b_l, b_acc = _fwd_key_loop(
+        b_q,
+        b_m,
+        b_l,
+        b_acc,
+        k,
+        v,
+        key_base,
+        b_lo,
+        b_hi,
+        s_b,
+        s_hi,
+        S,
+        qk_scale,
+        H,
+        DK,
+        DV,
+        BK,
+        BV,
+        BN,
+        True,
+        DOT_PRECISION,
+    )
     b_o, b_lse = attn_fwd_finish(b_m, b_l, b_acc)
-    tl.store(o + o_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])
+    tl.store(o + o_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_rv)
     tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+@triton.jit
+def _dq_key_loop(
+    b_q,
+    b_do,
+    b_lse2,
+    b_delta,
+    b_dq,
+    k,
+    v,
+    key_base,
+    b_lo,
+    b_hi,
+    s_start,
+    s_end,
+    S,
+    qk_scale,
+    H: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BN: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq of the rows over the key tiles s0 = s_start, s_start + BN, ... < s_end (MASKED as in _fwd_key_loop)."""
+    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
+    m_dk, m_dv = o_k < DK, o_v < DV
+    for s0 in range(s_start, s_end, BN):
+        o_s = s0 + o_n  # [BN]
+        o_key = key_base + o_s.to(tl.int64) * H  # [BN] int64
+        p_k = k + o_key[None, :] * DK + o_k[:, None]  # [BK, BN]
+        p_v = v + o_key[None, :] * DV + o_v[:, None]  # [BV, BN]
+        if MASKED:
+            m_n = o_s < S
+            m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
+            m_k, m_v = m_dk[:, None] & m_n[None, :], m_dv[:, None] & m_n[None, :]
+        else:
+            m_s, m_k, m_v = True, m_dk[:, None], m_dv[:, None]
+        b_dq = attn_bwd_dq_step(b_q, b_do, b_lse2, b_delta, p_k, p_v, m_k, m_v, m_s, qk_scale, b_dq, DOT_PRECISION)
+    return b_dq
 
 
 @triton.autotune(
@@ -147,7 +300,7 @@ def interval_bwd_dq_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):
-    """dq [B, T, HQ, DK] for one tile of BM rows: the forward's grid and key loop."""
+    """dq [B, T, HQ, DK] for one tile of BM rows: the forward's grid and key loops."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     HQ: tl.constexpr = H * G
@@ -156,9 +309,8 @@ def interval_bwd_dq_kernel(
     m_r = o_r < T * G
     o_t = o_r // G
     o_row = (i_b * T + o_t) * HQ + i_h * G + o_r % G  # [BM] int64
-    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
-    m_dk, m_dv = o_k < DK, o_v < DV
-    m_rk, m_rv = m_r[:, None] & m_dk[None, :], m_r[:, None] & m_dv[None, :]
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    m_rk, m_rv = m_r[:, None] & (o_k[None, :] < DK), m_r[:, None] & (o_v[None, :] < DV)
 
     b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_rk, other=0.0)  # [BM, BK]
     b_do = tl.load(do + o_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.0)  # [BM, BV]
@@ -166,30 +318,154 @@ def interval_bwd_dq_kernel(
     b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)  # [BM]
     b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)
     b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)
-    s_lo = tl.load(q_lo + (i_m * BM) // G)
-    s_hi = tl.load(q_hi + (tl.minimum(i_m * BM + BM, T * G) - 1) // G)
+    t_first, t_last = (i_m * BM) // G, (tl.minimum(i_m * BM + BM, T * G) - 1) // G
+    s_lo, s_hi = tl.load(q_lo + t_first), tl.load(q_hi + t_last)
+    s_a, s_b = _phases(s_lo, s_hi, tl.load(q_lo + t_last), tl.load(q_hi + t_first), BN)
 
+    key_base = i_b * S * H + i_h
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
-    for s0 in range(s_lo, s_hi, BN):
-        o_s = s0 + o_n  # [BN]
-        m_n = o_s < s_hi
-        o_key = (i_b * S + o_s) * H + i_h  # [BN] int64
-        m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
-        b_dq = attn_bwd_dq_step(
-            b_q,
-            b_do,
-            b_lse2,
-            b_delta,
-            k + o_key[None, :] * DK + o_k[:, None],  # [BK, BN]
-            v + o_key[None, :] * DV + o_v[:, None],  # [BV, BN]
-            m_dk[:, None] & m_n[None, :],
-            m_dv[:, None] & m_n[None, :],
+    b_dq = _dq_key_loop(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k,
+        v,
+        key_base,
+        b_lo,
+        b_hi,
+        s_lo,
+        s_a,
+        S,
+        qk_scale,
+        H,
+        DK,
+        DV,
+        BK,
+        BV,
+        BN,
+        True,
+        DOT_PRECISION,
+    )
+    b_dq = _dq_key_loop(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k,
+        v,
+        key_base,
+        b_lo,
+        b_hi,
+        s_a,
+        s_b,
+        S,
+        qk_scale,
+        H,
+        DK,
+        DV,
+        BK,
+        BV,
+        BN,
+        False,
+        DOT_PRECISION,
+    )
+    b_dq = _dq_key_loop(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k,
+        v,
+        key_base,
+        b_lo,
+        b_hi,
+        s_b,
+        s_hi,
+        S,
+        qk_scale,
+        H,
+        DK,
+        DV,
+        BK,
+        BV,
+        BN,
+        True,
+        DOT_PRECISION,
+    )
+    tl.store(dq + o_row[:, None] * DK + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rk)
+
+
+@triton.jit
+def _dkv_row_loop(
+    b_k,
+    b_v,
+    b_dk,
+    b_dv,
+    q,
+    do,
+    lse,
+    delta,
+    q_lo,
+    q_hi,
+    o_s,
+    row_base,
+    head_base,
+    r_start,
+    r_end,
+    r_max,
+    qk_scale,
+    T,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BM: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dk/dv of the key tile o_s [BN] over the row tiles r0 = r_start, r_start + BM, ... < r_end (rows < r_max).
+
+    row_base = b * T (int64), head_base = h * G. MASKED=False: every row of these tiles sees every valid key of the tile
+    (keys past S only feed dk/dv rows that are never stored).
+    """
+    HQ: tl.constexpr = H * G
+    o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
+    m_dk, m_dv = o_k < DK, o_v < DV
+    for r0 in range(r_start, r_end, BM):
+        o_r = r0 + o_m  # [BM]
+        o_t = o_r // G
+        o_row = (row_base + o_t) * HQ + head_base + o_r % G  # [BM] int64
+        if MASKED:
+            m_r = o_r < r_max
+            b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)
+            b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)
+            m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
+            m_q, m_do = m_r[:, None] & m_dk[None, :], m_r[:, None] & m_dv[None, :]
+        else:
+            m_r, m_s, m_q, m_do = True, True, m_dk[None, :], m_dv[None, :]
+        b_dk, b_dv = attn_bwd_dkv_step(
+            b_k,
+            b_v,
+            q + o_row[:, None] * DK + o_k[None, :],  # [BM, BK]
+            do + o_row[:, None] * DV + o_v[None, :],  # [BM, BV]
+            lse + o_row,
+            delta + o_row,
+            m_q,
+            m_do,
+            m_r,
             m_s,
             qk_scale,
-            b_dq,
+            b_dk,
+            b_dv,
             DOT_PRECISION,
         )
-    tl.store(dq + o_row[:, None] * DK + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rk)
+    return b_dk, b_dv
 
 
 @triton.autotune(
@@ -235,50 +511,111 @@ def interval_bwd_dkv_kernel(
     """
     i_n, i_bh, i_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
-    HQ: tl.constexpr = H * G
     qk_scale = scale * LOG2E
     o_s = i_n * BN + tl.arange(0, BN)  # [BN]
     m_n = o_s < S
     o_key = (i_b * S + o_s) * H + i_h  # [BN] int64
-    o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
-    m_dk, m_dv = o_k < DK, o_v < DV
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    m_nk, m_nv = m_n[:, None] & (o_k[None, :] < DK), m_n[:, None] & (o_v[None, :] < DV)
 
-    b_k = tl.load(k + o_key[None, :] * DK + o_k[:, None], mask=m_dk[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
-    b_v = tl.load(v + o_key[None, :] * DV + o_v[:, None], mask=m_dv[:, None] & m_n[None, :], other=0.0)  # [BV, BN]
-    r_lo = tl.load(k_first + i_n * BN) * G  # the rows of the queries that see any key of the tile
-    r_hi = tl.load(k_last + tl.minimum(i_n * BN + BN, S) - 1) * G
-    r_lo = tl.maximum(r_lo, i_split * SPLIT_ROWS)
-    r_hi = tl.minimum(r_hi, i_split * SPLIT_ROWS + SPLIT_ROWS)
+    b_k = tl.trans(tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_nk, other=0.0))  # [BK, BN]
+    b_v = tl.trans(tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_nv, other=0.0))  # [BV, BN]
+    s_first, s_last = i_n * BN, tl.minimum(i_n * BN + BN, S) - 1
+    r_lo = tl.maximum(tl.load(k_first + s_first) * G, i_split * SPLIT_ROWS)  # rows of the queries that see the tile
+    r_hi = tl.minimum(tl.load(k_last + s_last) * G, i_split * SPLIT_ROWS + SPLIT_ROWS)
+    r_a, r_b = _phases(r_lo, r_hi, tl.load(k_first + s_last) * G, tl.load(k_last + s_first) * G, BM)
 
     b_dk = tl.zeros([BN, BK], dtype=tl.float32)
     b_dv = tl.zeros([BN, BV], dtype=tl.float32)
-    for r0 in range(r_lo, r_hi, BM):
-        o_r = r0 + o_m  # [BM]
-        m_r = o_r < r_hi
-        o_t = o_r // G
-        o_row = (i_b * T + o_t) * HQ + i_h * G + o_r % G  # [BM] int64
-        b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)
-        b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)
-        m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
-        b_dk, b_dv = attn_bwd_dkv_step(
-            b_k,
-            b_v,
-            q + o_row[:, None] * DK + o_k[None, :],  # [BM, BK]
-            do + o_row[:, None] * DV + o_v[None, :],  # [BM, BV]
-            lse + o_row,
-            delta + o_row,
-            m_r[:, None] & m_dk[None, :],
-            m_r[:, None] & m_dv[None, :],
-            m_r,
-            m_s,
-            qk_scale,
-            b_dk,
-            b_dv,
-            DOT_PRECISION,
-        )
+    b_dk, b_dv = _dkv_row_loop(
+        b_k,
+        b_v,
+        b_dk,
+        b_dv,
+        q,
+        do,
+        lse,
+        delta,
+        q_lo,
+        q_hi,
+        o_s,
+        i_b * T,
+        i_h * G,
+        r_lo,
+        r_a,
+        r_hi,
+        qk_scale,
+        T,
+        H,
+        G,
+        DK,
+        DV,
+        BK,
+        BV,
+        BM,
+        True,
+        DOT_PRECISION,
+    )
+    b_dk, b_dv = _dkv_row_loop(
+        b_k,
+        b_v,
+        b_dk,
+        b_dv,
+        q,
+        do,
+        lse,
+        delta,
+        q_lo,
+        q_hi,
+        o_s,
+        i_b * T,
+        i_h * G,
+        r_a,
+        r_b,
+        r_hi,
+        qk_scale,
+        T,
+        H,
+        G,
+        DK,
+        DV,
+        BK,
+        BV,
+        BM,
+        False,
+        DOT_PRECISION,
+    )
+    b_dk, b_dv = _dkv_row_loop(
+        b_k,
+        b_v,
+        b_dk,
+        b_dv,
+        q,
+        do,
+        lse,
+        delta,
+        q_lo,
+        q_hi,
+        o_s,
+        i_b * T,
+        i_h * G,
+        r_b,
+        r_hi,
+        r_hi,
+        qk_scale,
+        T,
+        H,
+        G,
+        DK,
+        DV,
+        BK,
+        BV,
+        BM,
+        True,
+        DOT_PRECISION,
+    )
     p_dk = dk + o_key[:, None] * DK + o_k[None, :]  # [BN, BK]
     p_dv = dv + o_key[:, None] * DV + o_v[None, :]  # [BN, BV]
-    m_nk, m_nv = m_n[:, None] & m_dk[None, :], m_n[:, None] & m_dv[None, :]
     if ATOMIC:
         tl.atomic_add(p_dk, b_dk * scale, mask=m_nk & (r_lo < r_hi))
         tl.atomic_add(p_dv, b_dv, mask=m_nv & (r_lo < r_hi))

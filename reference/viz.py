@@ -12,13 +12,14 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-try:  # the project-wide palette, if present
-    from .plotting import BRANCH_COLORS
+try:  # the project-wide palette (reference/plotting.py), if present
+    from .plotting import BRANCH_COLORS, MASK_COLORS
 except ImportError:  # pragma: no cover - depends on which modules exist
     BRANCH_COLORS = {"cmp": "#4C72B0", "slc": "#DD8452", "win": "#55A868"}
+    MASK_COLORS = {**BRANCH_COLORS, "full": "#444444"}
 
 BRANCH_LABELS = {"cmp": "compressed", "slc": "selected", "win": "sliding window"}
-FULL_COLOR = "#444444"  # full causal attention, the baseline every branch is compared with
+FULL_COLOR = MASK_COLORS.get("full", "#444444")  # full causal attention, the baseline every branch is compared with
 
 
 def color_of(name: str) -> str:

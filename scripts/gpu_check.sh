@@ -70,8 +70,10 @@ if want env; then
 fi
 
 if want tests; then
-    HYPOTHESIS_PROFILE=gpu run_step "pytest (all, hypothesis gpu)" "$TEST_TIMEOUT" "$OUT/tests.log" \
-        "$PY" -m pytest tests -q -p no:cacheprovider --durations=10
+    # the kernels' tests natively (the reference's tests are CPU-only and run in CI); one autotune config per
+    # kernel, since hypothesis draws many shapes and tuning each would eat the budget
+    HYPOTHESIS_PROFILE=gpu NSA_AUTOTUNE=0 run_step "pytest (kernels, hypothesis gpu)" "$TEST_TIMEOUT" "$OUT/tests.log" \
+        "$PY" -m pytest tests/test_optimized_*.py tests/test_benchmarks.py -q -p no:cacheprovider --durations=10
     tail -n 40 "$OUT/tests.log" | grep -E '(passed|failed|error)' | tail -1 | sed 's/^/    /' >>"$SUMMARY"
 fi
 
@@ -128,6 +130,10 @@ if [[ -f $OUT/bench.log ]]; then
     echo "----- benchmark tables"
     # each benchmark prints its table last, starting with "card:"
     awk '/^=== /{keep=0} /^card:/{keep=1} keep' "$OUT/bench.log" | tail -n 80
+fi
+if [[ -f $OUT/bench.log ]] && grep -q '^error:' "$OUT/bench.log"; then
+    echo "----- benchmark errors (first 20, cut to 300 characters)"
+    grep '^error:' "$OUT/bench.log" | head -n 20 | cut -c1-300
 fi
 if [[ -f $OUT/tests.log ]]; then
     echo "----- test failures (first 40 lines)"

@@ -398,6 +398,88 @@ def table_flops() -> None:
     print("wrote docs/_snippets/kernel_flops.md, kernel_bytes.md")
 
 
+def fig_kernel_union() -> None:
+    """Selected-attention tiles: BM = 16 rows = 16 / G positions x G heads; how many distinct blocks a tile visits."""
+    config = nsa.NSAConfig()
+    T, D, BM = 4096, 64, 16
+    g = torch.Generator().manual_seed(0)
+    k_cmp = torch.randn(1, config.num_compressed(T), 1, D, generator=g, dtype=torch.float64)
+    v_cmp = torch.zeros_like(k_cmp)
+    groups = [1, 2, 4, 8, 16]
+    kinds = {
+        "independent random queries (worst case)": lambda G: torch.randn(1, T, G, D, generator=g, dtype=torch.float64),
+        "slowly varying queries (neighbours agree)": lambda G: (
+            torch.nn.functional.avg_pool1d(
+                torch.randn(1, T + 63, G * D, generator=g, dtype=torch.float64).transpose(1, 2), 64, stride=1
+            )
+            .transpose(1, 2)
+            .reshape(1, T, G, D)
+            * 8.0
+        ),
+    }
+    t0 = config.num_selected * config.select_block  # from here on every query has more candidates than n
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 1.3]})
+    width = 0.38
+    for k, (label, make_q) in enumerate(kinds.items()):
+        means = []
+        for G in groups:
+            q = make_q(G) * 2.0
+            _, lse = nsa.compressed_attention(q, k_cmp, v_cmp, config)
+            idx = nsa.select_blocks(q, k_cmp, lse, config)[0, t0:, 0]  # [T - t0, n]
+            per_tile = BM // G
+            sizes = []
+            for start in range(0, idx.shape[0] - per_tile + 1, per_tile):
+                blocks = idx[start : start + per_tile].flatten()
+                sizes.append(len(set(blocks[blocks >= 0].tolist())))
+            means.append(float(np.mean(sizes)))
+        x = np.arange(len(groups)) + (k - 0.5) * width
+        ax0.bar(x, means, width, label=label, color=BRANCH_COLORS["slc"], alpha=1.0 if k == 0 else 0.55)
+    ax0.axhline(config.num_selected, color="black", ls="--", lw=1, label=f"n = {config.num_selected} (no waste)")
+    ax0.set_xticks(range(len(groups)), [f"G = {G}\n{BM // G} pos./tile" for G in groups])
+    ax0.set_xlabel("query heads per kv head (G) and positions per 16-row tile")
+    ax0.set_ylabel("distinct blocks a tile visits (mean)")
+    ax0.set_title(
+        f"selected-attention tiles of BM = {BM} rows\n(T = {T}, l' = 64, n = 16, queries t >= n l')", fontsize=10
+    )
+    ax0.legend(fontsize=8)
+
+    # One tile at G = 4: which blocks each of its 4 positions selected, and the union the program loops over.
+    G = 4
+    q = kinds["independent random queries (worst case)"](G) * 2.0
+    _, lse = nsa.compressed_attention(q, k_cmp, v_cmp, config)
+    idx = nsa.select_blocks(q, k_cmp, lse, config)[0, :, 0]
+    start = 3000 - 3000 % (BM // G)
+    NS = config.num_select_blocks(start + BM // G)
+    grid = np.zeros((BM // G + 1, NS))
+    for r in range(BM // G):
+        for j in idx[start + r].tolist():
+            if j >= 0:
+                grid[r, j] = 1
+    grid[-1] = grid[:-1].max(axis=0) * 2
+    cmap = ListedColormap([(1, 1, 1), to_rgb(BRANCH_COLORS["slc"]), (0.3, 0.3, 0.3)])
+    ax1.imshow(grid, cmap=cmap, vmin=-0.5, vmax=2.5, aspect="auto", interpolation="nearest")
+    ax1.set_yticks(range(BM // G + 1), [f"t = {start + r}" for r in range(BM // G)] + ["union"])
+    ax1.set_xlabel("selection block j")
+    ax1.set_title(
+        f"one tile at G = {G} ({BM // G} positions x {G} heads, random queries):\nthe program visits the union, "
+        f"{int((grid[-1] > 0).sum())} blocks for {config.num_selected} per position",
+        fontsize=10,
+    )
+    ax1.legend(
+        handles=[
+            Patch(color=BRANCH_COLORS["slc"], label="selected by this position"),
+            Patch(color="0.3", label="union"),
+        ],
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14),
+        ncol=2,
+    )
+    for r in range(BM // G):
+        ax1.axhline(r + 0.5, color="white", lw=2)
+    save(fig, "kernel_union.png")
+
+
 def main() -> None:
     ASSETS.mkdir(parents=True, exist_ok=True)
     torch.set_grad_enabled(False)
@@ -408,6 +490,7 @@ def main() -> None:
     fig_gating()
     table_decode()
     table_flops()
+    fig_kernel_union()
 
 
 if __name__ == "__main__":

@@ -136,6 +136,7 @@ def _synthetic() -> dict:
                         "pass": pass_,
                         "ms": 1.0,
                         "tflops": 1.0,
+                        "peak_gib": 1.5,
                     }
                 )
             for i, b in enumerate(run.BASELINES):
@@ -160,7 +161,8 @@ def test_plots_and_table_from_synthetic_json(tmp_path: Path) -> None:
     assert (tmp_path / "breakdown_default.png").stat().st_size > 1000
     rows = run.speedups(data["records"], "default")
     assert rows[0]["flash_speedup"] == 2.0 and rows[0]["flex_speedup"] == 4.0
-    assert "4.00" in run.summary_table(data)
+    table = run.summary_table(data)
+    assert "4.00" in table and "nsa 1.50" in table
 
 
 @pytest.mark.parametrize("context", [5, 40, 131])

@@ -23,6 +23,7 @@ CFG = NSAConfig(8, 4, 8, 3, 1, 2, window=16)
 @example(problem(1, 1, 1, 16, 24, CFG, torch.float32))  # T = 1 < l: TC = 0
 @example(problem(8, 2, 3, 40, 24, CFG, torch.float16))  # T = l: one block, seen by the last query only
 @example(problem(61, 1, 8, 64, 16, NSAConfig(16, 2, 16, 3, 1, 2, 8), torch.float32, seqlens=(5, 40, 16)))
+@example(problem(64, 1, 2, 16, 32, NSAConfig(1, 1, 1, 3, 1, 2, 8), torch.float16))  # l = d = 1: unmasked interior
 def test_compressed_matches_reference(p: NSAProblem) -> None:
     check_against_reference("compressed_attention", compressed_attention, p, device=DEVICE)
 

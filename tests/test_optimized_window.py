@@ -22,6 +22,7 @@ CFG = NSAConfig(8, 4, 8, 3, 1, 2, window=16)
 @example(problem(1, 1, 1, 16, 24, CFG, torch.float32))  # T = 1
 @example(problem(37, 2, 3, 40, 24, NSAConfig(8, 4, 8, 3, 1, 2, window=1), torch.float16))  # w = 1: only t itself
 @example(problem(50, 1, 8, 64, 16, CFG, torch.float32, seqlens=(3, 30, 17)))  # packed, window spans a boundary
+@example(problem(64, 1, 4, 32, 16, NSAConfig(2, 1, 2, 3, 1, 2, window=48), torch.float32))  # unmasked interior tiles
 def test_window_matches_reference(p: NSAProblem) -> None:
     check_against_reference("sliding_window_attention", sliding_window_attention, p, device=DEVICE)
 
