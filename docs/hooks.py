@@ -13,6 +13,8 @@ never depends on a hand-kept list:
   tables that ``scripts/make_doc_figures.py`` generates.
 * **Benchmark results.** ``<!-- benchmark-results -->`` expands to the Markdown tables and the PNG plots
   found in ``benchmarks/results/`` (or to a note that there are none yet); the PNGs are added to the site.
+* **Measured tables.** ``<!-- bench-json -->`` renders ``benchmarks/results/bench.json`` (written by
+  ``python -m benchmarks.run``) as Markdown tables: NSA against each baseline, and the time per part.
 * **Lists.** ``<!-- notebook-list -->`` expands to a list of the notebooks that exist.
 * **The spec.** If the repository holds ``shared/nsa-spec.md`` (the project's definition), it becomes the
   page ``spec.md`` ("The definition"), listed under "The algorithm".
@@ -21,6 +23,7 @@ never depends on a hand-kept list:
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import re
 import sys
@@ -55,7 +58,9 @@ MODULE_ORDER = {
     ],
     "optimized": ["compression", "compressed", "selection", "selected", "window", "nsa", "decode"],
 }
-_MARKER = re.compile(r"<!--\s*(api-modules|include|benchmark-results|notebook-list)\s*:?\s*([^>]*?)\s*-->")
+_MARKER = re.compile(r"<!--\s*(api-modules|include|benchmark-results|bench-json|notebook-list)\s*:?\s*([^>]*?)\s*-->")
+BASELINES = {"flash": "FA2 (SDPA flash)", "cudnn": "cuDNN (SDPA)", "flex": "FlexAttention"}
+PARTS = ("compressed", "selection", "selected", "window", "core")
 _importable: dict[str, bool] = {}
 
 
@@ -197,6 +202,63 @@ def _benchmark_results(config, page) -> str:
     return "\n".join(parts)
 
 
+def _ms(value) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "–"
+
+
+def _bench_tables(data: dict) -> str:
+    """Markdown tables from ``bench.json`` (``python -m benchmarks.run``): NSA core vs baselines, then per part."""
+    env = data.get("env", {})
+    keys = ("card", "driver", "cuda", "torch", "triton", "python", "git_commit", "timestamp_utc")
+    lines = [
+        '!!! info "Measured: generated from `benchmarks/results/bench.json` when this site was built"',
+        "    " + ", ".join(f"{k}: `{env[k]}`" for k in keys if env.get(k)),
+        f"    {'(the run stopped early: some lengths are missing)' if data.get('stopped_early') else ''}",
+        "",
+    ]
+    records = data.get("records", [])
+    for cfg in data.get("configs", []):
+        name = cfg.get("name", "?")
+        recs = [r for r in records if r.get("config") == name]
+        ms = {(r["seq_len"], r["impl"], r["part"], r["pass"]): r.get("ms") for r in recs}
+        lengths = sorted({r["seq_len"] for r in recs})
+        if not lengths:
+            continue
+        shape = ", ".join(f"{k} = {v}" for k, v in cfg.items() if k not in ("name", "nsa") and not isinstance(v, dict))
+        lines += [f"#### Config `{name}`", "", f"{shape}; NSA sizes: `{cfg.get('nsa')}`", ""]
+        head = "| T | pass | NSA core (ms) | " + " | ".join(f"{v} (ms) | speedup" for v in BASELINES.values()) + " |"
+        lines += [head, "|---:|---|---:|" + "---:|---:|" * len(BASELINES)]
+        for T in lengths:
+            for pass_ in ("fwd", "bwd"):
+                nsa = ms.get((T, "nsa", "core", pass_))
+                cells = []
+                for b in BASELINES:
+                    base = ms.get((T, b, "full", pass_))
+                    cells.append(f"{_ms(base)} | {base / nsa:.1f}x" if base and nsa else f"{_ms(base)} | –")
+                lines.append(f"| {T // 1024}k | {pass_} | {_ms(nsa)} | " + " | ".join(cells) + " |")
+        lines += ["", "| T | pass | " + " | ".join(PARTS) + " (ms) |", "|---:|---|" + "---:|" * len(PARTS)]
+        for T in lengths:
+            for pass_ in ("fwd", "bwd"):
+                cells = [_ms(ms.get((T, "nsa", part, pass_))) for part in PARTS]
+                lines.append(f"| {T // 1024}k | {pass_} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _bench_json(config) -> str:
+    path = _results_dir(config) / "bench.json"
+    if not path.is_file():
+        return (
+            '!!! warning "Not yet measured"\n    `benchmarks/results/bench.json` does not exist yet: run `make bench` '
+            "on the GPU machine and rebuild; its tables appear here.\n"
+        )
+    try:
+        return _bench_tables(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a format change must not break the build
+        log.info("bench-json: could not render %s (%s: %s)", path, type(exc).__name__, exc)
+        return f'!!! warning "Could not read bench.json"\n    {type(exc).__name__}: the file\'s format changed.\n'
+
+
 def _notebook_list(config, page) -> str:
     notebooks = _notebooks(config)
     if not notebooks:
@@ -220,6 +282,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
             return (docs_dir / arg).read_text(encoding="utf-8")
         if kind == "benchmark-results":
             return _benchmark_results(config, page)
+        if kind == "bench-json":
+            return _bench_json(config)
         return _notebook_list(config, page)
 
     return _MARKER.sub(expand, markdown)

@@ -334,9 +334,10 @@ for T_, tl, r in zip(Ts, total_last, ratio):
 
 # %% [markdown]
 # Selected and window counts **saturate** at `n*l' = 1024` and `w = 512`; only the compressed branch
-# keeps growing, like `T / d = T / 16`. Below about 1.5k tokens NSA reads *more* keys than full
-# attention (three branches over the same few tokens), which is why it pays off only on long
-# contexts. The branches' keys overlap (the window and the local blocks read the same recent
+# keeps growing, like `T / d = T / 16`. On short contexts NSA reads *more* keys than full
+# attention (three branches over the same few tokens): the printout shows the break-even between
+# 1k and 2k tokens for the last query, and between 2k and 4k averaged over a whole sequence. NSA
+# pays off on long contexts only. The branches' keys overlap (the window and the local blocks read the same recent
 # tokens); the count here is what each branch computes, the cost that matters for speed.
 #
 # ## How each hyper-parameter changes the picture

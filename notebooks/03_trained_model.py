@@ -177,12 +177,13 @@ plt.show()
 # column per branch. Heads in the same GQA group share their selected blocks but not their gates.
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(9, 0.5 * L * trained.config.num_heads + 1.5))
+HQ = trained.config.num_heads
+fig, axes = plt.subplots(1, 2, figsize=(10, 0.5 * L * HQ + 1.5), sharey=True)
 for ax, (name, run) in zip(axes, runs.items()):
     g = torch.stack([gates[:, -1].mean(0) for gates in run["gates"]])  # [L, HQ, 3]
     im = ax.imshow(g.flatten(0, 1).numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.set_xticks(range(3), [BRANCH_LABELS[b] for b in BRANCHES])
-    ax.set_yticks(range(g.shape[0] * g.shape[1]), [f"layer {i} head {h}" for i in range(L) for h in range(g.shape[1])])
+    ax.set_yticks(range(L * HQ), [f"layer {i} head {h}" for i in range(L) for h in range(HQ)])
     ax.set_title(f"{name}: gates at the question")
     for (r, c), value in np.ndenumerate(g.flatten(0, 1).numpy()):
         ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="w" if value < 0.6 else "k", fontsize=8)
@@ -220,20 +221,22 @@ plt.show()
 
 # %% [markdown]
 # The same scores for *every* query of the sequence, for the trained model's layers: rows are query
-# positions, columns blocks. Blocks after the query are not candidates (score 0). Once the needle has
-# gone by, does its column light up for the queries that will need it?
+# positions, columns blocks, each row divided by its maximum (early queries have few candidates and
+# large scores). Blocks after the query are not candidates (score 0). Only the last query's answer
+# was trained: does the needle's column light up for it alone, or for every query after the needle?
 
 # %%
 fig, axes = plt.subplots(L, H, figsize=(5 * H, 4 * L), squeeze=False)
 for layer in range(L):
     for h in range(H):
         ax = axes[layer, h]
-        im = ax.imshow(runs["trained"]["scores"][layer][b0, :, h].numpy(), aspect="auto", cmap="magma", vmin=0)
+        s = runs["trained"]["scores"][layer][b0, :, h]  # [T, NS]
+        im = ax.imshow((s / s.amax(-1, keepdim=True)).numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1)
         ax.axvline(needle_block, color="c", lw=1, ls="--", label="needle block")
         ax.set_title(f"trained, layer {layer}, kv head {h}")
         ax.set_xlabel("selection block j")
         ax.set_ylabel("query position t")
-        fig.colorbar(im, ax=ax, label="selection score")
+        fig.colorbar(im, ax=ax, label="selection score / row max")
 axes[0, 0].legend(loc="lower left", fontsize=8)
 fig.tight_layout()
 plt.show()

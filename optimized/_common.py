@@ -55,17 +55,18 @@ def autotune_configs(
     """The cartesian product of ``space`` (meta-parameter -> values) x ``num_warps`` x ``num_stages``.
 
     Under the interpreter (where ``@triton.autotune`` with several configs fails) it returns one config:
-    ``interpreter`` if given, else the first value of every axis. With ``NSA_AUTOTUNE=0`` (the GPU tests,
-    which see many shapes) it returns the first value of every axis. With the environment variable
-    ``NSA_AUTOTUNE=0`` (read at import) a GPU run also takes one config, the first of the product (list the
-    best default first): quick correctness runs over many shapes then compile each kernel once per shape.
+    ``interpreter`` if given, else the first value of every axis. With the environment variable
+    ``NSA_AUTOTUNE=0`` (read at import; the GPU tests, which see many shapes) a GPU run also takes one
+    config: the first value of every axis, 4 warps, 2 stages (list the safest value first, one that fits in
+    shared memory for every head dim and dtype), so each kernel compiles once per shape.
     E.g. ``autotune_configs({"BM": (128, 64), "BN": (64,)}, interpreter={"BM": 32, "BN": 32})``.
     """
     if is_interpreting():
         first = {name: next(iter(values)) for name, values in space.items()}
         return [triton.Config(interpreter or first, num_warps=4, num_stages=1)]
     if os.environ.get("NSA_AUTOTUNE", "1") == "0":  # tests on the GPU: many shapes, no time to tune each
-        return [triton.Config({name: next(iter(values)) for name, values in space.items()}, num_warps=4, num_stages=2)]
+        first = {name: next(iter(values)) for name, values in space.items()}
+        return [triton.Config(first, num_warps=4, num_stages=2)]
     names = list(space)
     configs = [
         triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s)
@@ -73,7 +74,7 @@ def autotune_configs(
         for w in num_warps
         for s in num_stages
     ]
-    return configs[:1] if os.environ.get("NSA_AUTOTUNE", "1") == "0" else configs
+    return configs
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -88,6 +89,12 @@ def check_kernel_dtype(name: str, x: torch.Tensor) -> None:
     """The Triton kernels take float16, bfloat16 and float32 (float64 is the reference's job)."""
     if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name}: the optimized kernels take float16, bfloat16 or float32, got {x.dtype}")
+
+
+def check_kernel_device(name: str, x: torch.Tensor) -> None:
+    """The compiled kernels need CUDA tensors; CPU tensors only run under the interpreter."""
+    if not x.is_cuda and not is_interpreting():
+        raise ValueError(f"{name} is on {x.device}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
 
 
 @triton.jit

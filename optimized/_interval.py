@@ -18,8 +18,13 @@ per group, and the tile's key range (of about $w + BM / G$ keys for the window) 
 
 * forward: grid (row tiles, B * H); loop over the key tiles in $[\mathrm{lo}_{t_0}, \mathrm{hi}_{t_1})$.
 * backward: ``delta = rowsum(o * do) - dlse`` (``_common``), then a dq kernel with the forward's grid and
-  loop, and a dk/dv kernel on grid (key tiles, B * H) looping over the rows of the queries that see the
-  tile, $[\mathrm{first}_{s_0} G, \mathrm{last}_{s_1} G)$; every program owns its outputs (no atomics).
+  loop, and a dk/dv kernel on grid (key tiles, B * H, splits) looping over the rows of the queries that see
+  the tile, $[\mathrm{first}_{s_0} G, \mathrm{last}_{s_1} G)$. Each program owns its outputs (no atomics),
+  except when a key is seen by very many rows (compressed blocks of a long sequence): then the rows are
+  split over several programs that add into fp32 dk/dv with atomics.
+
+Every loop runs in three phases (``_phases``): masked tiles at the two edges of the band and, between
+them, tiles that every row of the tile sees whole, where no interval mask is built (the bulk of the work).
 """
 
 from __future__ import annotations
@@ -71,9 +76,9 @@ def _fwd_key_loop(
     s_end,
     S,
     qk_scale,
-    H: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
+    H,
+    DK,
+    DV,
     BK: tl.constexpr,
     BV: tl.constexpr,
     BN: tl.constexpr,
@@ -104,7 +109,7 @@ def _fwd_key_loop(
 
 @triton.autotune(
     configs=autotune_configs(
-        {"BM": (128, 64), "BN": (64, 128)}, num_warps=(8, 4), num_stages=(3, 2), interpreter={"BM": 32, "BN": 32}
+        {"BM": (64, 128), "BN": (64, 128)}, num_warps=(4, 8), num_stages=(2, 3), interpreter={"BM": 32, "BN": 32}
     ),
     key=_TUNE_KEY,
 )
@@ -120,10 +125,10 @@ def interval_fwd_kernel(
     scale,
     T,
     S,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
+    H,
+    G,
+    DK,
+    DV,
     BK: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -133,7 +138,7 @@ def interval_fwd_kernel(
     """o [B, T, HQ, DV] and lse [B, T, HQ] for one tile of BM rows (t, g) of kv head h."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
-    HQ: tl.constexpr = H * G
+    HQ = H * G
     qk_scale = scale * LOG2E
     o_r = i_m * BM + tl.arange(0, BM)  # [BM] rows t * G + g
     m_r = o_r < T * G
@@ -243,9 +248,9 @@ def _dq_key_loop(
     s_end,
     S,
     qk_scale,
-    H: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
+    H,
+    DK,
+    DV,
     BK: tl.constexpr,
     BV: tl.constexpr,
     BN: tl.constexpr,
@@ -272,7 +277,7 @@ def _dq_key_loop(
 
 @triton.autotune(
     configs=autotune_configs(
-        {"BM": (64, 128), "BN": (64, 32)}, num_warps=(8, 4), num_stages=(2, 3), interpreter={"BM": 32, "BN": 32}
+        {"BM": (64, 128), "BN": (32, 64)}, num_warps=(8, 4), num_stages=(2, 3), interpreter={"BM": 32, "BN": 32}
     ),
     key=_TUNE_KEY,
 )
@@ -290,10 +295,10 @@ def interval_bwd_dq_kernel(
     scale,
     T,
     S,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
+    H,
+    G,
+    DK,
+    DV,
     BK: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -303,7 +308,7 @@ def interval_bwd_dq_kernel(
     """dq [B, T, HQ, DK] for one tile of BM rows: the forward's grid and key loops."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
-    HQ: tl.constexpr = H * G
+    HQ = H * G
     qk_scale = scale * LOG2E
     o_r = i_m * BM + tl.arange(0, BM)  # [BM]
     m_r = o_r < T * G
@@ -419,10 +424,10 @@ def _dkv_row_loop(
     r_max,
     qk_scale,
     T,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
+    H,
+    G,
+    DK,
+    DV,
     BK: tl.constexpr,
     BV: tl.constexpr,
     BM: tl.constexpr,
@@ -434,7 +439,7 @@ def _dkv_row_loop(
     row_base = b * T (int64), head_base = h * G. MASKED=False: every row of these tiles sees every valid key of the tile
     (keys past S only feed dk/dv rows that are never stored).
     """
-    HQ: tl.constexpr = H * G
+    HQ = H * G
     o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
     m_dk, m_dv = o_k < DK, o_v < DV
     for r0 in range(r_start, r_end, BM):
@@ -470,7 +475,7 @@ def _dkv_row_loop(
 
 @triton.autotune(
     configs=autotune_configs(
-        {"BN": (64, 128), "BM": (64, 32)}, num_warps=(8, 4), num_stages=(2, 3), interpreter={"BN": 32, "BM": 32}
+        {"BN": (64, 128), "BM": (32, 64)}, num_warps=(8, 4), num_stages=(2, 3), interpreter={"BN": 32, "BM": 32}
     ),
     key=_TUNE_KEY,
     reset_to_zero=["dk", "dv"],
@@ -493,10 +498,10 @@ def interval_bwd_dkv_kernel(
     T,
     S,
     SPLIT_ROWS,
-    H: tl.constexpr,
-    G: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
+    H,
+    G,
+    DK,
+    DV,
     BK: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,

@@ -20,7 +20,7 @@ from reference._checks import check_config, check_cu_seqlens, check_dim, check_q
 from reference.config import NSAConfig
 from reference.varlen import compressed_bounds as reference_compressed_bounds
 
-from ._common import check_kernel_dtype
+from ._common import check_kernel_device, check_kernel_dtype
 from ._interval import IntervalAttention, as_bounds, token_sequences
 from .compression import compressed_offsets
 
@@ -70,5 +70,6 @@ def compressed_attention(
     else:
         check_dim("k_cmp", k_cmp, 1, config.num_compressed(T), "TC = floor((T - l) / d) + 1, or 0 when T < l")
     check_kernel_dtype("q", q)
+    check_kernel_device("q", q)
     bounds = compressed_interval_bounds(T, k_cmp.shape[1], config, cu_seqlens, q.device)
     return IntervalAttention.apply(q, k_cmp, v_cmp, bounds, scale, DKV_SPLIT_ROWS)

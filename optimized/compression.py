@@ -23,7 +23,7 @@ import triton.language as tl
 from reference._checks import check_config, check_cu_seqlens, check_tensor
 from reference.config import NSAConfig
 
-from ._common import autotune_configs, check_kernel_dtype, next_power_of_2
+from ._common import autotune_configs, check_kernel_device, check_kernel_dtype, next_power_of_2
 from ._interval import as_bounds, token_sequences
 
 
@@ -36,8 +36,8 @@ def mean_pool_fwd_kernel(
     T,
     TC,
     l,
-    H: tl.constexpr,
-    D: tl.constexpr,
+    H,
+    D,
     BD: tl.constexpr,
     BC: tl.constexpr,
 ):
@@ -67,8 +67,8 @@ def mean_pool_bwd_kernel(
     T,
     TC,
     l,
-    H: tl.constexpr,
-    D: tl.constexpr,
+    H,
+    D,
     BD: tl.constexpr,
     NB: tl.constexpr,
     BT: tl.constexpr,
@@ -186,6 +186,7 @@ def mean_pool(x: torch.Tensor, config: NSAConfig, *, cu_seqlens: torch.Tensor | 
     config = check_config(config)
     check_tensor("x", x, 4, "[B, T, H, D]")
     check_kernel_dtype("x", x)
+    check_kernel_device("x", x)
     B, T = x.shape[:2]
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)

@@ -7,16 +7,18 @@ heads of a group share their blocks, so each K/V block is loaded once for all of
 smallest tensor-core tile, so ``G = 16`` gives one position per program (the paper's kernel) and a small
 group fills the tile with neighbouring positions instead of padding (``G = 4``: 4 positions).
 
-**Forward** (grid: row tiles x H). The rows' block lists ``[BM, n]`` are loaded once; the program visits
-the *union* of the tile's blocks in ascending order (``next = min(idx > current)``, one short reduction a
-step) and runs the shared online-softmax step (``_common.attn_fwd_step``) over each block's ``l'`` keys
-with the mask "this row's position selected the block, and ``s <= t``". Waste: a block selected by only
-some of the tile's positions is computed (and masked) for all rows. With ``G >= 16`` there is none; with
-smaller groups the union of ``16 / G`` positions' lists is between ``n`` blocks (neighbours agree, as in
-trained models where the forced local blocks and the scores are shared) and ``16 / G`` times ``n``
-(independent random scores): the tensor-core work per position is then what a padded one-position tile
-would cost, and every union block is still loaded once per tile. The branch is bound by memory traffic
-(``G`` rows of ``2 D`` flops per loaded key element), so shared loads are what counts.
+**Forward** (grid: row tiles x H). The rows' block lists ``[BM, n]`` are loaded once, and the program
+walks the *union* of the tile's blocks in ascending order (precomputed per tile by a few sorts on the
+device, so the walk is a plain ``for`` loop that Triton can software-pipeline), running the shared
+online-softmax step (``_common.attn_fwd_step``) over each block's ``l'`` keys with the mask "this row's
+position selected the block, and ``s <= t``". Waste: a block selected by only some of the tile's positions
+is computed (and masked) for all rows. With ``G >= 16`` there is none; with smaller groups the union of
+the ``16 / G`` positions' lists is between ``n`` blocks (neighbours agree, as in trained models where the
+forced local blocks and the scores are shared) and ``16 / G`` times ``n`` (independent random scores):
+the tensor-core work per position is then what a padded one-position tile would cost, and every union
+block is still loaded once per tile. The branch is bound by memory traffic (each loaded key element
+serves ``2 G`` flops per position), so the shared loads are what counts. Head dims are padded to powers
+of two and ``l'`` to a power of two >= 16 (one key tile per block; ``l' <= 128`` keeps it in registers).
 
 **Backward.** ``delta = rowsum(o * do)`` (``_common``); dq with the forward's grid and union loop
 (``attn_bwd_dq_step``). dK/dV are *inverted*: for each kv head and block, the list of query positions that
@@ -55,7 +57,6 @@ from ._common import (
 )
 from ._sparse import sequence_lengths, sequence_tiles
 
-BIG = tl.constexpr(1 << 30)  # past every block index: "no further block"
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 _TUNE_KEY = ["G", "BK", "BV", "BN"]
 
@@ -84,7 +85,6 @@ def _row_setup(
     o_row = o_t * (H * G) + i_h * G + o_r % G  # [BM] int64 index into [TT, HQ]
     p_idx = block_idx + (o_t * H + i_h)[:, None] * N + tl.arange(0, NP)[None, :]
     b_idx = tl.load(p_idx, mask=m_r[:, None] & (tl.arange(0, NP) < N)[None, :], other=-1)  # [BM, NP]
-    b_idx = tl.where(b_idx >= 0, b_idx, BIG)
     return bos, o_t, o_row, m_r, b_idx
 
 
@@ -100,6 +100,8 @@ def selected_fwd_kernel(
     cu_seqlens,
     tile_seq,
     tile_start,
+    union,  # [NT, H, U] int32: each tile's blocks (the union over its positions), ascending
+    union_len,  # [NT, H] int32: how many
     scale,
     H: tl.constexpr,
     G: tl.constexpr,
@@ -111,6 +113,7 @@ def selected_fwd_kernel(
     BV: tl.constexpr,
     BN: tl.constexpr,
     NP: tl.constexpr,
+    U: tl.constexpr,
     BM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -126,8 +129,9 @@ def selected_fwd_kernel(
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([BM, BV], dtype=tl.float32)
-    i_blk = tl.min(tl.min(b_idx, axis=1), axis=0)  # the union of the rows' blocks, ascending
-    while i_blk < BIG:
+    n_union = tl.load(union_len + i_tile * H + i_h)
+    for i_u in range(0, n_union):  # the union of the rows' blocks, ascending
+        i_blk = tl.load(union + (i_tile * H + i_h).to(tl.int64) * U + i_u)
         m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM] rows whose position selected it
         o_s = bos + i_blk * LS + o_n  # [BN] packed keys of the block
         m_n = o_n < LS
@@ -147,7 +151,6 @@ def selected_fwd_kernel(
             b_acc,
             DOT_PRECISION,
         )
-        i_blk = tl.min(tl.min(tl.where(b_idx > i_blk, b_idx, BIG), axis=1), axis=0)
     b_o, b_lse = attn_fwd_finish(b_m, b_l, b_acc)
     tl.store(o + o_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])
     tl.store(lse + o_row, b_lse, mask=m_r)
@@ -167,6 +170,8 @@ def selected_bwd_dq_kernel(
     cu_seqlens,
     tile_seq,
     tile_start,
+    union,  # [NT, H, U] int32: each tile's blocks (the union over its positions), ascending
+    union_len,  # [NT, H] int32: how many
     scale,
     H: tl.constexpr,
     G: tl.constexpr,
@@ -178,6 +183,7 @@ def selected_bwd_dq_kernel(
     BV: tl.constexpr,
     BN: tl.constexpr,
     NP: tl.constexpr,
+    U: tl.constexpr,
     BM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -195,8 +201,9 @@ def selected_bwd_dq_kernel(
     b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)  # [BM]
 
     b_dq = tl.zeros([BM, BK], dtype=tl.float32)
-    i_blk = tl.min(tl.min(b_idx, axis=1), axis=0)
-    while i_blk < BIG:
+    n_union = tl.load(union_len + i_tile * H + i_h)
+    for i_u in range(0, n_union):  # the union of the rows' blocks, ascending
+        i_blk = tl.load(union + (i_tile * H + i_h).to(tl.int64) * U + i_u)
         m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM]
         o_s = bos + i_blk * LS + o_n  # [BN]
         m_n = o_n < LS
@@ -217,7 +224,6 @@ def selected_bwd_dq_kernel(
             b_dq,
             DOT_PRECISION,
         )
-        i_blk = tl.min(tl.min(tl.where(b_idx > i_blk, b_idx, BIG), axis=1), axis=0)
     tl.store(dq + o_row[:, None] * DK + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rk)
 
 
@@ -317,13 +323,27 @@ def _packed(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x.contiguous().view(x.shape[0] * x.shape[1], *x.shape[2:]) for x in xs]
 
 
-def _row_tiles(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor | None, config: NSAConfig) -> tuple:
-    B, T, HQ, _ = q.shape
+def _row_tiles(block_idx: torch.Tensor, G: int, lengths: list[int], config: NSAConfig) -> tuple[torch.Tensor, ...]:
+    """Tiles of BM rows (``t G + g``) and the union of the blocks their positions selected.
+
+    block_idx [TT, H, n] int32 (packed). Returns cu [S + 1], tile_seq [NT], tile_start [NT] (first row),
+    union [NT, H, U] (ascending, padded with -1) and union_len [NT, H], all int32, plus BM. The union is a
+    few sorts on the device; it lets the kernels walk the blocks with a plain (pipelined) ``for`` loop.
+    """
     BM = 16
-    cu, _, tile_seq, tile_start = sequence_tiles(
-        sequence_lengths(B, T, cu_seqlens), config, BM, HQ // k.shape[2], q.device
-    )
-    return cu, tile_seq, tile_start, BM
+    cu, _, tile_seq, tile_start = sequence_tiles(lengths, config, BM, G, block_idx.device)
+    TT, H, N = block_idx.shape
+    P = -(-BM // G) + 1  # positions a tile of BM rows can touch
+    first = tile_start.long() // G
+    last = (torch.minimum(tile_start.long() + BM, cu.long()[tile_seq.long() + 1] * G) - 1) // G
+    pos = torch.minimum(first[:, None] + torch.arange(P, device=first.device), last[:, None])  # [NT, P]
+    idx = block_idx[pos].permute(0, 2, 1, 3).reshape(-1, H, P * N).long()  # [NT, H, P n]
+    idx = torch.sort(torch.where(idx >= 0, idx, TT), dim=-1).values  # "none" sorts last
+    repeat = torch.nn.functional.pad(idx[..., 1:] == idx[..., :-1], (1, 0), value=False)
+    idx = torch.sort(torch.where(repeat, TT, idx), dim=-1).values
+    union_len = (idx < TT).sum(-1).to(torch.int32)
+    union = torch.where(idx < TT, idx, -1).to(torch.int32).contiguous()
+    return cu, tile_seq, tile_start, union, union_len, BM
 
 
 def selected_attention_fwd(
@@ -338,13 +358,14 @@ def selected_attention_fwd(
     """q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, n] -> o [B, T, HQ, DV], lse fp32."""
     B, T, HQ, _ = q.shape
     H, DV, N = k.shape[2], v.shape[3], block_idx.shape[3]
-    cu, tile_seq, tile_start, BM = _row_tiles(q, k, cu_seqlens, config)
     q2, k2, v2, idx2 = _packed(q, k, v, block_idx.to(torch.int32))
+    lengths = sequence_lengths(B, T, cu_seqlens)
+    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config)
     o = torch.empty(B * T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * T, HQ, dtype=torch.float32, device=q.device)
     selected_fwd_kernel[(tile_seq.numel(), H)](
-        q2, k2, v2, idx2, o, lse, cu, tile_seq, tile_start, scale,
-        N=N, NP=next_power_of_2(N, 2), BM=BM, **_meta(q, k, v, config.select_block),
+        q2, k2, v2, idx2, o, lse, cu, tile_seq, tile_start, union, union_len, scale,
+        N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, **_meta(q, k, v, config.select_block),
     )  # fmt: skip
     return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
 
@@ -405,17 +426,17 @@ def selected_attention_bwd(
     B, T, HQ, _ = q.shape
     H, N = k.shape[2], block_idx.shape[3]
     meta = _meta(q, k, v, config.select_block)
-    cu, tile_seq, tile_start, BM = _row_tiles(q, k, cu_seqlens, config)
     q2, k2, v2, o2, do2, idx2 = _packed(q, k, v, o, do, block_idx.to(torch.int32))
+    lengths = sequence_lengths(B, T, cu_seqlens)
+    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config)
     lse2 = lse.contiguous().view(B * T, HQ)
     delta = attn_bwd_preprocess(o2, do2)  # [TT, HQ]
     dq = torch.empty_like(q2)
     selected_bwd_dq_kernel[(tile_seq.numel(), H)](
-        q2, k2, v2, do2, lse2, delta, idx2, dq, cu, tile_seq, tile_start, scale,
-        N=N, NP=next_power_of_2(N, 2), BM=BM, **meta,
+        q2, k2, v2, do2, lse2, delta, idx2, dq, cu, tile_seq, tile_start, union, union_len, scale,
+        N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, **meta,
     )  # fmt: skip
     chunk = 64 if is_interpreting() else 512
-    lengths = sequence_lengths(B, T, cu_seqlens)
     key, start, end, query_of, block_start, block_end, NB = invert_blocks(idx2, lengths, config.select_block, chunk)
     dk = torch.zeros(k2.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v2.shape, dtype=torch.float32, device=q.device)

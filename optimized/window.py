@@ -14,7 +14,7 @@ import torch
 from reference._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
 from reference.config import NSAConfig
 
-from ._common import check_kernel_dtype
+from ._common import check_kernel_device, check_kernel_dtype
 from ._interval import IntervalAttention, as_bounds, token_sequences
 
 
@@ -50,6 +50,7 @@ def sliding_window_attention(
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
     check_kernel_dtype("q", q)
+    check_kernel_device("q", q)
     bounds = window_bounds(T, config.window, cu_seqlens, q.device)
     o, _ = IntervalAttention.apply(q, k, v, bounds, scale)
     return o

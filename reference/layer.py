@@ -48,7 +48,7 @@ class NSALayerAux(NamedTuple):
     o_cmp: torch.Tensor  # [B, T, HQ, DV] each branch before gating
     o_slc: torch.Tensor  # [B, T, HQ, DV]
     o_win: torch.Tensor  # [B, T, HQ, DV]
-    lse_cmp: torch.Tensor  # [B, T, HQ] float32
+    lse_cmp: torch.Tensor  # [B, T, HQ] float32 (float64 for float64 inputs)
     block_idx: torch.Tensor  # [B, T, H, n] int32, the selected blocks
 
 

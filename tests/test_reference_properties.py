@@ -179,32 +179,27 @@ def test_selection_scores_equal_group_summed_p_cmp_when_blocks_coincide(p: NSAPr
     assert bool((scores[..., TC:] == 0).all())  # the last, incomplete block has no compressed summary yet
 
 
-FUNCTIONS = ["compressed_attention", "selection_scores", "select_blocks", "selected_attention", "window", "nsa"]
+def every_function(x: NSATensors, config: R.NSAConfig, cu: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The output of each public function (of the compressed attention: o and lse side by side)."""
+    kw = {"cu_seqlens": cu} if cu is not None else {}
+    o_cmp, lse = R.compressed_attention(x.q, x.k_cmp, x.v_cmp, config, **kw)
+    idx = R.select_blocks(x.q, x.k_cmp, lse, config, **kw)
+    return {
+        "compressed_attention": torch.cat([o_cmp, lse[..., None]], dim=-1),
+        "selection_scores": R.selection_scores(x.q, x.k_cmp, lse, config, **kw),
+        "select_blocks": idx,
+        "selected_attention": R.selected_attention(x.q, x.k_slc, x.v_slc, idx, config, **kw),
+        "sliding_window_attention": R.sliding_window_attention(x.q, x.k_win, x.v_win, config, **kw),
+        "nsa_attention": R.nsa_attention(*core_inputs(x), config, **kw),
+    }
 
 
-@pytest.mark.parametrize("fn", FUNCTIONS)
 @given(p=nsa_problems(dtypes=(F64,), max_seq_len=32, varlen=True).filter(lambda p: p.seqlens is not None))
-def test_packed_batch_equals_separate_calls(fn: str, p: NSAProblem) -> None:
+def test_packed_batch_equals_separate_calls(p: NSAProblem) -> None:
+    """Every function: a packed batch (cu_seqlens) gives exactly what separate calls per sequence give."""
     x = p.tensors()
     cu = x.cu_seqlens
-
-    def run(x: NSATensors, cu: torch.Tensor | None) -> torch.Tensor:
-        kw = {"cu_seqlens": cu} if cu is not None else {}
-        o_cmp, lse = R.compressed_attention(x.q, x.k_cmp, x.v_cmp, p.config, **kw)
-        if fn == "compressed_attention":
-            return torch.cat([o_cmp, lse[..., None]], dim=-1)
-        if fn == "selection_scores":
-            return R.selection_scores(x.q, x.k_cmp, lse, p.config, **kw)
-        idx = R.select_blocks(x.q, x.k_cmp, lse, p.config, **kw)
-        if fn == "select_blocks":
-            return idx
-        if fn == "selected_attention":
-            return R.selected_attention(x.q, x.k_slc, x.v_slc, idx, p.config, **kw)
-        if fn == "window":
-            return R.sliding_window_attention(x.q, x.k_win, x.v_win, p.config, **kw)
-        return R.nsa_attention(*core_inputs(x), p.config, **kw)
-
-    packed = run(x, cu)
+    packed = every_function(x, p.config, cu)
     c = 0
     for t0, t1 in zip(cu[:-1].tolist(), cu[1:].tolist()):
         nc = p.config.num_compressed(t1 - t0)
@@ -212,10 +207,11 @@ def test_packed_batch_equals_separate_calls(fn: str, p: NSAProblem) -> None:
             name: getattr(x, name)[:, c : c + nc] if "cmp" in name else getattr(x, name)[:, t0:t1]
             for name in BRANCH_INPUTS
         }
-        alone = run(NSATensors(**parts, cu_seqlens=None), None)
-        width = alone.shape[-1]  # selection_scores: packed is as wide as the longest sequence, zeros beyond
-        torch.testing.assert_close(packed[:, t0:t1, ..., :width], alone, rtol=0, atol=0)
-        assert bool((packed[:, t0:t1, ..., width:] == 0).all())
+        alone = every_function(NSATensors(**parts, cu_seqlens=None), p.config, None)
+        for fn, out in alone.items():
+            width = out.shape[-1]  # selection_scores: packed is as wide as the longest sequence, zeros beyond
+            torch.testing.assert_close(packed[fn][:, t0:t1, ..., :width], out, rtol=0, atol=0, msg=fn)
+            assert bool((packed[fn][:, t0:t1, ..., width:] == 0).all()), fn
         c += nc
     assert c == x.k_cmp.shape[1]
 

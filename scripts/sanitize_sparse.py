@@ -1,0 +1,58 @@
+"""Run every sparse kernel (selection, selected attention fwd/dq/dkv, the combine kernels) once, fwd + bwd, on CUDA.
+
+Meant for compute-sanitizer::
+
+    compute-sanitizer --tool memcheck  python scripts/sanitize_sparse.py
+    compute-sanitizer --tool racecheck python scripts/sanitize_sparse.py
+
+Small shapes with ragged edges: T not a multiple of any block, a packed batch, G = 3, DK != DV (not powers
+of two), and fp16 and bf16. Every autotuned kernel keeps only its first config, so each kernel runs a handful of
+times (the combine kernels run inside ``nsa_attention``). Exits non-zero if any result differs from the reference.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import triton
+
+import optimized
+from optimized import _interval, compressed, nsa, selected, selection, window
+from reference.config import NSAConfig
+from reference.testing import NSAProblem, check_against_reference
+
+PROBLEMS = [
+    NSAProblem(1, 300, 2, 3, 48, 40, NSAConfig(32, 16, 64, 4, 1, 2, window=64), torch.bfloat16, seed=0),
+    NSAProblem(2, 200, 1, 16, 64, 32, NSAConfig(16, 8, 32, 5, 1, 1, window=48), torch.float16, seed=1),
+    NSAProblem(1, 333, 2, 1, 32, 24, NSAConfig(16, 8, 48, 3, 1, 1, window=40), torch.float16, 2, (100, 200, 33)),
+]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    for module in (_interval, compressed, nsa, selected, selection, window):
+        for kernel in vars(module).values():
+            if isinstance(kernel, triton.runtime.Autotuner):
+                kernel.configs = kernel.configs[:1]
+    failures = 0
+    for p in PROBLEMS:
+        for name, fn in (
+            ("select_blocks", optimized.select_blocks),
+            ("selected_attention", optimized.selected_attention),
+            ("nsa_attention", optimized.nsa_attention),
+        ):
+            try:
+                check_against_reference(name, fn, p, device="cuda")
+                status = "ok"
+            except AssertionError as e:
+                failures += 1
+                status = f"FAILED: {e}"
+            print(f"{name:20s} T={p.seq_len} H={p.kv_heads} G={p.group} {p.dtype}: {status}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
