@@ -40,6 +40,7 @@ from .selection import select_blocks, selection_scores
 from .window import sliding_window_attention
 
 __all__ = [
+    "FUNCTIONS",
     "NSAProblem",
     "NSATensors",
     "assert_close_to_reference",

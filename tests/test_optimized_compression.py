@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_problems import DEVICE, KERNEL_DTYPES, small_configs
+from kernel_problems import DEVICE, KERNEL_DTYPES, examples, small_configs
 
 from optimized.compression import mean_pool
 from reference.compression import mean_pool as reference_mean_pool
@@ -29,7 +29,7 @@ def _check(x64: torch.Tensor, dtype: torch.dtype, config: NSAConfig, cu: torch.T
     assert_close_to_reference(dx, dx64, dxdt, name="mean_pool gradient", dtype=dtype)
 
 
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 @given(
     config=small_configs(),
     T=st.integers(1, 70),
