@@ -55,15 +55,10 @@ from reference import NSAConfig
 from reference.compression import mean_pool
 from reference.viz import BRANCH_COLORS, BRANCH_LABELS
 
-try:
-    import optimized
+import optimized
 
-    OPTIMIZED_ERROR = None
-except Exception as err:  # the kernels are optional for the drawings below
-    optimized, OPTIMIZED_ERROR = None, err
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 print("device:", DEVICE, "| TRITON_INTERPRET =", os.environ.get("TRITON_INTERPRET"))
-print("optimized:", "imported" if optimized else f"NOT available ({OPTIMIZED_ERROR!r}); the kernel runs are skipped")
 
 # %% [markdown]
 # ## The problem we look at
@@ -218,60 +213,38 @@ print(f"union size over all {union_sizes.size} programs: mean {union_sizes.mean(
 # selected kernel on the very same blocks.
 
 # %%
-def run_optimized(args):
-    """optimized.nsa_attention with every branch; falls back to the branch functions without return_aux."""
-    try:
-        return optimized.nsa_attention(*args, cfg, return_aux=True)
-    except TypeError:  # an optimized.nsa_attention without return_aux: call the branches one by one
-        o_cmp, lse = optimized.compressed_attention(args[0], args[1], args[2], cfg)
-        idx = optimized.select_blocks(args[0], args[1], lse, cfg)
-        o_slc = optimized.selected_attention(args[0], args[3], args[4], idx, cfg)
-        o_win = optimized.sliding_window_attention(args[0], args[5], args[6], cfg)
-        return reference.NSAOutput(optimized.nsa_attention(*args, cfg), o_cmp, o_slc, o_win, lse, idx)
-
-
-errors = None
-if optimized is None:
-    print(f"SKIPPED: `import optimized` failed ({OPTIMIZED_ERROR!r}). The drawings above do not need it.")
-else:
-    # kv head 0's group only (4 query heads, 1 kv head): half the programs, the interpreter is slow
-    sub = (q[:, :, :G], k_cmp[:, :, :1], v_cmp[:, :, :1], k[:, :, :1], v[:, :, :1], k[:, :, :1], v[:, :, :1],
-           gates[:, :, :G])
-    ref1 = reference.nsa_attention(*sub, cfg, return_aux=True)
-    args = [x.to(DEVICE) for x in sub]
-    start = time.perf_counter()
-    try:
-        opt = run_optimized(args)
-    except Exception as err:
-        print(f"SKIPPED: the optimized kernels failed to run here: {type(err).__name__}: {str(err)[:300]}")
-        print("(the kernels' own tests, `make test`, say more; the drawings above do not need them)")
-    else:
-        elapsed = time.perf_counter() - start
-        print(f"optimized kernels took {elapsed:.1f} s on {DEVICE}"
-              + (" (interpreter: one program at a time, not a benchmark)" if DEVICE == "cpu" else ""))
-        errors = {
-            name: (getattr(opt, field).float().cpu() - getattr(ref1, field).float()).abs().max().item()
-            for name, field in [("cmp", "o_cmp"), ("slc", "o_slc"), ("win", "o_win"), ("gated sum", "o")]
-        }
-        finite = torch.isfinite(ref1.lse_cmp)
-        errors["lse (cmp)"] = (opt.lse_cmp.float().cpu()[finite] - ref1.lse_cmp[finite]).abs().max().item()
-        same_blocks = torch.equal(opt.block_idx.cpu().int(), ref1.block_idx.int())
-        print(f"block_idx identical to the reference: {same_blocks}")
-        for name, err in errors.items():
-            print(f"max |optimized - reference| {name:>10}: {err:.2e}")
-        assert same_blocks and max(errors.values()) < 1e-4, "the kernels disagree with the reference"
+# kv head 0's group only (4 query heads, 1 kv head): half the programs, the interpreter is slow
+sub = (q[:, :, :G], k_cmp[:, :, :1], v_cmp[:, :, :1], k[:, :, :1], v[:, :, :1], k[:, :, :1], v[:, :, :1],
+       gates[:, :, :G])
+ref1 = reference.nsa_attention(*sub, cfg, return_aux=True)
+args = [x.to(DEVICE) for x in sub]
+start = time.perf_counter()
+opt = optimized.nsa_attention(*args, cfg, return_aux=True)
+elapsed = time.perf_counter() - start
+print(f"optimized kernels took {elapsed:.1f} s on {DEVICE}"
+      + (" (interpreter: one program at a time, not a benchmark)" if DEVICE == "cpu" else ""))
+errors = {
+    name: (getattr(opt, field).float().cpu() - getattr(ref1, field).float()).abs().max().item()
+    for name, field in [("cmp", "o_cmp"), ("slc", "o_slc"), ("win", "o_win"), ("gated sum", "o")]
+}
+finite = torch.isfinite(ref1.lse_cmp)
+errors["lse (cmp)"] = (opt.lse_cmp.float().cpu()[finite] - ref1.lse_cmp[finite]).abs().max().item()
+same_blocks = torch.equal(opt.block_idx.cpu().int(), ref1.block_idx.int())
+print(f"block_idx identical to the reference: {same_blocks}")
+for name, err in errors.items():
+    print(f"max |optimized - reference| {name:>10}: {err:.2e}")
+assert same_blocks and max(errors.values()) < 1e-4, "the kernels disagree with the reference"
 
 # %%
-if errors is not None:
-    names = list(errors)
-    colors = [BRANCH_COLORS.get(n, "0.4") for n in ["cmp", "slc", "win"]] + ["0.2", BRANCH_COLORS["cmp"]]
-    fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
-    ax.bar([BRANCH_LABELS.get(n, n) for n in names], [max(e, 1e-12) for e in errors.values()], color=colors)
-    ax.set(yscale="log", ylabel="max |optimized - reference|",
-           title=f"Kernels vs reference, float32, T={T}, HQ={G}, H=1, D={D} ({DEVICE})")
-    ax.axhline(1e-5, color="k", ls="--", lw=0.8, label="1e-5")
-    ax.legend()
-    plt.show()
+names = list(errors)
+colors = [BRANCH_COLORS.get(n, "0.4") for n in ["cmp", "slc", "win"]] + ["0.2", BRANCH_COLORS["cmp"]]
+fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
+ax.bar([BRANCH_LABELS.get(n, n) for n in names], [max(e, 1e-12) for e in errors.values()], color=colors)
+ax.set(yscale="log", ylabel="max |optimized - reference|",
+       title=f"Kernels vs reference, float32, T={T}, HQ={G}, H=1, D={D} ({DEVICE})")
+ax.axhline(1e-5, color="k", ls="--", lw=0.8, label="1e-5")
+ax.legend()
+plt.show()
 
 # %% [markdown]
 # In float32 the errors printed above are at rounding level: the kernels add the same terms in a

@@ -34,6 +34,13 @@ from .selection import overlap_weights
 from .softmax import accumulate_dtype, masked_softmax
 
 
+def _filled(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    """The cache's tensors, which exist once it has been prefilled."""
+    if any(x is None for x in tensors):
+        raise ValueError("the cache is empty: run the layer on a prompt with cache=... first")
+    return [x for x in tensors if x is not None]
+
+
 class BranchKV(NamedTuple):
     """Raw (uncompressed, rotated) keys and values of the three branches, each [B, T, H, DK or DV]."""
 
@@ -91,24 +98,27 @@ class NSACache:
 
     def append(self, kv: BranchKV, phi_k: nn.Module, phi_v: nn.Module) -> bool:
         """Add one token (kv tensors [B, 1, H, D]); compress a block if it completes. Returns whether one did."""
-        if self.is_empty or self.config is None:
+        if self.config is None:
             raise ValueError("append needs a prefilled cache (run the layer on a prompt with cache=... first)")
+        k_slc, v_slc, k_win, v_win, k_tail, v_tail, k_cmp, v_cmp = _filled(
+            self.k_slc, self.v_slc, self.k_win, self.v_win, self.k_tail, self.v_tail, self.k_cmp, self.v_cmp
+        )
         if kv.k_slc.shape[1] != 1:
             raise ValueError(f"append takes one token (T = 1), got T = {kv.k_slc.shape[1]}")
-        if kv.k_slc.shape[0] != self.k_slc.shape[0]:
-            raise ValueError(f"batch size {kv.k_slc.shape[0]} does not match the cache's {self.k_slc.shape[0]}")
+        if kv.k_slc.shape[0] != k_slc.shape[0]:
+            raise ValueError(f"batch size {kv.k_slc.shape[0]} does not match the cache's {k_slc.shape[0]}")
         config, t = self.config, self.length  # the new token's position
         l, d, w = config.compress_block, config.compress_stride, config.window
-        self.k_slc = torch.cat([self.k_slc, kv.k_slc], dim=1)
-        self.v_slc = torch.cat([self.v_slc, kv.v_slc], dim=1)
-        self.k_win = torch.cat([self.k_win, kv.k_win], dim=1)[:, -w:]  # keys t - w < s <= t
-        self.v_win = torch.cat([self.v_win, kv.v_win], dim=1)[:, -w:]
-        k_tail = torch.cat([self.k_tail, kv.k_cmp], dim=1)  # [B, min(t + 1, l), H, DK]
-        v_tail = torch.cat([self.v_tail, kv.v_cmp], dim=1)
+        self.k_slc = torch.cat([k_slc, kv.k_slc], dim=1)
+        self.v_slc = torch.cat([v_slc, kv.v_slc], dim=1)
+        self.k_win = torch.cat([k_win, kv.k_win], dim=1)[:, -w:]  # keys t - w < s <= t
+        self.v_win = torch.cat([v_win, kv.v_win], dim=1)[:, -w:]
+        k_tail = torch.cat([k_tail, kv.k_cmp], dim=1)  # [B, min(t + 1, l), H, DK]
+        v_tail = torch.cat([v_tail, kv.v_cmp], dim=1)
         completes = t + 1 >= l and (t + 1 - l) % d == 0  # block (t + 1 - l) / d ends at t
         if completes:
-            self.k_cmp = torch.cat([self.k_cmp, phi_k(k_tail[:, None].transpose(2, 3))], dim=1)  # Eq. 7
-            self.v_cmp = torch.cat([self.v_cmp, phi_v(v_tail[:, None].transpose(2, 3))], dim=1)
+            self.k_cmp = torch.cat([k_cmp, phi_k(k_tail[:, None].transpose(2, 3))], dim=1)  # Eq. 7
+            self.v_cmp = torch.cat([v_cmp, phi_v(v_tail[:, None].transpose(2, 3))], dim=1)
         keep = max(0, k_tail.shape[1] - (l - 1))  # the next block needs at most l - 1 of these
         self.k_tail, self.v_tail = k_tail[:, keep:], v_tail[:, keep:]
         self.length = t + 1
@@ -120,19 +130,22 @@ def decode_attention(q: torch.Tensor, gates: torch.Tensor, cache: NSACache, *, s
 
     q [B, 1, HQ, DK], gates [B, 1, HQ, 3]. Returns an ``NSAOutput`` whose tensors have T = 1.
     """
-    if cache.is_empty or cache.config is None:
+    if cache.config is None:
         raise ValueError("decode_attention needs a cache holding at least the current token")
+    k_slc, v_slc, k_win, v_win, k_cmp, v_cmp = _filled(
+        cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, cache.k_cmp, cache.v_cmp
+    )
     config, t = cache.config, cache.length - 1
     B, _, HQ, DK = q.shape
-    H, DV = cache.k_slc.shape[2], cache.v_slc.shape[3]
+    H, DV = k_slc.shape[2], v_slc.shape[3]
     scale = check_scale(scale, DK)
     qg = q.reshape(B, H, HQ // H, DK)  # [B, H, G, DK]: query head h reads kv head h // G
     acc = accumulate_dtype(q.dtype)  # float32, or float64 for float64 inputs, as the parallel branches
 
     # Compressed attention: every cached compressed token has ended (i d + l - 1 <= t).
-    s = torch.einsum("bhgd,bshd->bhgs", qg, cache.k_cmp).to(acc) * scale  # [B, H, G, TC]
+    s = torch.einsum("bhgd,bshd->bhgs", qg, k_cmp).to(acc) * scale  # [B, H, G, TC]
     p, lse = masked_softmax(s, torch.ones_like(s, dtype=torch.bool))
-    o_cmp = torch.einsum("bhgs,bshd->bhgd", p.to(cache.v_cmp.dtype), cache.v_cmp)  # [B, H, G, DV]
+    o_cmp = torch.einsum("bhgs,bshd->bhgd", p.to(v_cmp.dtype), v_cmp)  # [B, H, G, DV]
 
     # Selection: scores (Eq. 8-10) and top-n with forced blocks (Eq. 11), as selection.py does for row t.
     NS, n = config.num_select_blocks(t + 1), config.num_selected  # candidates j <= t // l'
@@ -154,16 +167,16 @@ def decode_attention(q: torch.Tensor, gates: torch.Tensor, cache: NSACache, *, s
     keys = torch.where(valid, keys.flatten(-2), 0)
     b_i = torch.arange(B, device=q.device)[:, None, None]
     h_i = torch.arange(H, device=q.device)[None, :, None]
-    kg = cache.k_slc.transpose(1, 2)[b_i, h_i, keys]  # [B, H, n * l', DK]
-    vg = cache.v_slc.transpose(1, 2)[b_i, h_i, keys]  # [B, H, n * l', DV]
+    kg = k_slc.transpose(1, 2)[b_i, h_i, keys]  # [B, H, n * l', DK]
+    vg = v_slc.transpose(1, 2)[b_i, h_i, keys]  # [B, H, n * l', DV]
     s = torch.einsum("bhgd,bhsd->bhgs", qg, kg).to(acc) * scale
     p, _ = masked_softmax(s, valid[:, :, None, :])
     o_slc = torch.einsum("bhgs,bhsd->bhgd", p.to(vg.dtype), vg)
 
     # Sliding window over the cached last w tokens, all visible.
-    s = torch.einsum("bhgd,bshd->bhgs", qg, cache.k_win).to(acc) * scale  # [B, H, G, min(t + 1, w)]
+    s = torch.einsum("bhgd,bshd->bhgs", qg, k_win).to(acc) * scale  # [B, H, G, min(t + 1, w)]
     p, _ = masked_softmax(s, torch.ones_like(s, dtype=torch.bool))
-    o_win = torch.einsum("bhgs,bshd->bhgd", p.to(cache.v_win.dtype), cache.v_win)
+    o_win = torch.einsum("bhgs,bshd->bhgd", p.to(v_win.dtype), v_win)
 
     o_cmp, o_slc, o_win = (o.reshape(B, 1, HQ, DV) for o in (o_cmp, o_slc, o_win))
     o = combine_gates(gates, o_cmp, o_slc, o_win)  # Eq. 5

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("cmp", "slc", "win"):
         n = reads[name].float()
         print(f"{BRANCH_NAMES[name]:<12}{n.mean().item():>10.1f}{n[-1].mean().item():>12.1f}")
-    total = sum(reads[name].float() for name in ("cmp", "slc", "win"))
+    total = torch.stack([reads[name].float() for name in ("cmp", "slc", "win")]).sum(0)  # [T, H]
     print(f"{'NSA total':<12}{total.mean().item():>10.1f}{total[-1].mean().item():>12.1f}")
     print(f"{'full':<12}{full_mean:>10.1f}{full_last:>12d}")
 

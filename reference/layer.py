@@ -23,6 +23,7 @@ step reading only the cache and giving the parallel forward's output at that pos
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -155,9 +156,9 @@ class NativeSparseAttention(nn.Module):
             v = self.v_proj[p](x).unflatten(-1, (H, self.v_head_dim))  # [B, T, H, DV]
             kv[c] = (k, v)
         if self.rope:
-            rot = {"base": self.rope_base, "cu_seqlens": cu_seqlens, "offset": offset}
-            q = apply_rope(q, **rot)
-            kv = {c: (apply_rope(k, **rot), v) for c, (k, v) in kv.items()}  # cmp keys: before phi_K
+            rot = functools.partial(apply_rope, base=self.rope_base, cu_seqlens=cu_seqlens, offset=offset)
+            q = rot(q)
+            kv = {c: (rot(k), v) for c, (k, v) in kv.items()}  # the cmp keys too, before phi_K
         return q, BranchKV(*kv["cmp"], *kv["slc"], *kv["win"])
 
     def _core(self) -> Callable[..., Any]:
