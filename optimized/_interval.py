@@ -40,7 +40,7 @@ from ._common import (
     attn_bwd_preprocess,
     attn_fwd_finish,
     attn_fwd_step,
-    autotune_configs,
+    config_list,
     dot_precision,
     next_power_of_2,
 )
@@ -108,8 +108,16 @@ def _fwd_key_loop(
 
 
 @triton.autotune(
-    configs=autotune_configs(
-        {"BM": (64, 128), "BN": (64, 128)}, num_warps=(4, 8), num_stages=(2, 3), interpreter={"BM": 32, "BN": 32}
+    configs=config_list(
+        [
+            ({"BM": 64, "BN": 64}, 4, 2),
+            ({"BM": 128, "BN": 64}, 8, 3),
+            ({"BM": 128, "BN": 64}, 4, 3),
+            ({"BM": 128, "BN": 128}, 8, 2),
+            ({"BM": 64, "BN": 128}, 4, 3),
+            ({"BM": 64, "BN": 64}, 4, 4),
+        ],
+        interpreter={"BM": 32, "BN": 32},
     ),
     key=_TUNE_KEY,
 )
@@ -276,8 +284,14 @@ def _dq_key_loop(
 
 
 @triton.autotune(
-    configs=autotune_configs(
-        {"BM": (64, 128), "BN": (32, 64)}, num_warps=(8, 4), num_stages=(2, 3), interpreter={"BM": 32, "BN": 32}
+    configs=config_list(
+        [
+            ({"BM": 64, "BN": 32}, 4, 2),
+            ({"BM": 64, "BN": 64}, 4, 3),
+            ({"BM": 128, "BN": 64}, 8, 2),
+            ({"BM": 128, "BN": 32}, 8, 3),
+        ],
+        interpreter={"BM": 32, "BN": 32},
     ),
     key=_TUNE_KEY,
 )
@@ -474,8 +488,14 @@ def _dkv_row_loop(
 
 
 @triton.autotune(
-    configs=autotune_configs(
-        {"BN": (64, 128), "BM": (32, 64)}, num_warps=(8, 4), num_stages=(2, 3), interpreter={"BN": 32, "BM": 32}
+    configs=config_list(
+        [
+            ({"BN": 64, "BM": 32}, 4, 2),
+            ({"BN": 64, "BM": 64}, 4, 3),
+            ({"BN": 128, "BM": 64}, 8, 2),
+            ({"BN": 128, "BM": 32}, 8, 2),
+        ],
+        interpreter={"BN": 32, "BM": 32},
     ),
     key=_TUNE_KEY,
     reset_to_zero=["dk", "dv"],
