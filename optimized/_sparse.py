@@ -13,8 +13,7 @@ def sequence_lengths(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[in
     """The length of every sequence: B times T for a dense batch, else the differences of ``cu_seqlens``."""
     if cu_seqlens is None:
         return [T] * B
-    bounds = cu_seqlens.tolist()
-    return [b - a for a, b in itertools.pairwise(bounds)]
+    return [b - a for a, b in itertools.pairwise(cu_seqlens.tolist())]
 
 
 def sequence_tiles(
@@ -24,14 +23,21 @@ def sequence_tiles(
 
     A dense batch is B packed sequences of T tokens, so every kernel has one (packed) code path.
     Returns cu [S + 1] and cu_cmp [S + 1] (token and compressed-block offsets of each sequence), tile_seq [NT]
-    and tile_start [NT] (the sequence and first packed row of each tile), all int32 on ``device``.
+    and tile_start [NT] (the sequence and first packed row of each tile), all int32 on ``device``. Only the
+    S-long lists cross from the host; the tile arrays are built on the device.
     """
-    cu, cu_cmp, tile_seq, tile_start = [0], [0], [], []
-    for s, length in enumerate(lengths):
-        rows = range(cu[-1] * rows_per_token, (cu[-1] + length) * rows_per_token, BM)
-        tile_seq += [s] * len(rows)
-        tile_start += list(rows)
-        cu.append(cu[-1] + length)
-        cu_cmp.append(cu_cmp[-1] + config.num_compressed(length))
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)
-    return as_tensor(cu), as_tensor(cu_cmp), as_tensor(tile_seq), as_tensor(tile_start)
+    n_tiles = [-(-(n * rows_per_token) // BM) for n in lengths]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64, device=device)
+    cu_cmp = [0, *itertools.accumulate(config.num_compressed(n) for n in lengths)]
+    counts = torch.tensor(n_tiles, dtype=torch.int64, device=device)
+    total = sum(n_tiles)
+    tile_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts, output_size=total)
+    first_tile = torch.cumsum(counts, 0) - counts
+    tile_start = cu[tile_seq] * rows_per_token + (torch.arange(total, device=device) - first_tile[tile_seq]) * BM
+    as_i32 = lambda x: x.to(torch.int32)
+    return (
+        as_i32(cu),
+        torch.tensor(cu_cmp, dtype=torch.int32, device=device),
+        as_i32(tile_seq),
+        as_i32(tile_start),
+    )

@@ -324,7 +324,10 @@ class DecodeCache:
         self.k_slc, self.v_slc = alloc(max_len, DK), alloc(max_len, DV)
         self.k_win, self.v_win = alloc(self.window_len, DK), alloc(self.window_len, DV)
         self.k_tail, self.v_tail = alloc(l, DK), alloc(l, DV)
-        self.k_cmp, self.v_cmp = alloc(config.num_compressed(max_len) + 1, DK), alloc(config.num_compressed(max_len) + 1, DV)
+        self.k_cmp, self.v_cmp = (
+            alloc(config.num_compressed(max_len) + 1, DK),
+            alloc(config.num_compressed(max_len) + 1, DV),
+        )
         self.lengths = torch.zeros(B, dtype=torch.int32, device=device)
         self._longest = 0  # host-side bound on lengths (every step adds one token to every sequence)
         self._batch = torch.arange(B, device=device)
@@ -390,7 +393,12 @@ class DecodeCache:
 
 
 def decode_attention(
-    q: torch.Tensor, gates: torch.Tensor, cache: DecodeCache, *, scale: float | None = None, return_block_idx: bool = False
+    q: torch.Tensor,
+    gates: torch.Tensor,
+    cache: DecodeCache,
+    *,
+    scale: float | None = None,
+    return_block_idx: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """NSA output of the newest token of every sequence in ``cache`` (call after ``cache.append``).
 
@@ -402,7 +410,10 @@ def decode_attention(
     _, _, H, DV = cache.v_slc.shape
     config = cache.config
     if q.shape[1] != 1 or B != cache.lengths.shape[0] or HQ % H != 0 or DK != cache.k_slc.shape[3]:
-        raise ValueError(f"q must be [B, 1, HQ, DK] = [{cache.lengths.shape[0]}, 1, k*{H}, {cache.k_slc.shape[3]}], got {list(q.shape)}")
+        raise ValueError(
+            f"q must be [B, 1, HQ, DK] = [{cache.lengths.shape[0]}, 1, k*{H}, {cache.k_slc.shape[3]}], "
+            f"got {list(q.shape)}"
+        )
     if q.dtype != cache.k_slc.dtype or q.device != cache.k_slc.device:
         raise TypeError(f"q must have the cache's dtype and device ({cache.k_slc.dtype}, {cache.k_slc.device})")
     if tuple(gates.shape) != (B, 1, HQ, 3):
@@ -415,7 +426,9 @@ def decode_attention(
     NSM = config.num_select_blocks(cache.max_len)
     NSPLIT = n + triton.cdiv(config.window, BN)
     BJ = 16
-    BI = next_power_of_2(BJ * (config.select_block // config.compress_stride) + config.compress_block // config.compress_stride)
+    BI = next_power_of_2(
+        BJ * (config.select_block // config.compress_stride) + config.compress_block // config.compress_stride
+    )
     dev, f32 = q.device, torch.float32
     o_cmp = torch.empty(B, HQ, DV, dtype=f32, device=dev)
     lse = torch.empty(B, HQ, dtype=f32, device=dev)

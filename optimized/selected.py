@@ -384,13 +384,14 @@ def invert_blocks(
     TT, H, N = block_idx.shape
     n_blocks = [-(-length // select_block) for length in lengths]
     NB = sum(n_blocks)
-    seq_first_block = torch.tensor([sum(n_blocks[:s]) for s in range(len(lengths))], dtype=torch.int64)
-    seq_first_token = torch.tensor([sum(lengths[:s]) for s in range(len(lengths))], dtype=torch.int64)
-    block_seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(n_blocks))  # [NB]
-    local = torch.arange(NB) - seq_first_block[block_seq]
+    lens = torch.tensor(lengths, dtype=torch.int64, device=device)  # [S]
+    counts = torch.tensor(n_blocks, dtype=torch.int64, device=device)
+    seq_first_token, seq_first_block = torch.cumsum(lens, 0) - lens, torch.cumsum(counts, 0) - counts
+    block_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts, output_size=NB)  # [NB]
+    local = torch.arange(NB, device=device) - seq_first_block[block_seq]
     block_start = seq_first_token[block_seq] + local * select_block
-    block_end = torch.minimum(block_start + select_block, seq_first_token[block_seq] + torch.tensor(lengths)[block_seq])
-    token_block0 = torch.repeat_interleave(seq_first_block, torch.tensor(lengths)).to(device)  # [TT]
+    block_end = torch.minimum(block_start + select_block, (seq_first_token + lens)[block_seq])
+    token_block0 = torch.repeat_interleave(seq_first_block, lens, output_size=TT)  # [TT]
 
     idx = block_idx.long()
     heads = torch.arange(H, device=device)[None, :, None]
@@ -406,7 +407,7 @@ def invert_blocks(
     owner = torch.searchsorted(last_chunk, w, right=True).clamp_max(H * NB - 1)
     start = ends[owner] - counts[owner] + (w - (last_chunk[owner] - n_chunks[owner])) * chunk
     end = torch.where(w < last_chunk[-1], torch.minimum(start + chunk, ends[owner]), start)
-    as_i32 = lambda x: x.to(device=device, dtype=torch.int32)
+    as_i32 = lambda x: x.to(torch.int32)
     return as_i32(owner), as_i32(start), as_i32(end), query_of, as_i32(block_start), as_i32(block_end), NB
 
 

@@ -28,9 +28,9 @@ from torch import nn
 
 from ._checks import check_config, check_scale
 from .config import NSAConfig
-from .masks import forced_blocks
 from .nsa import NSAOutput, combine_gates
-from .selection import overlap_weights
+from .selected import selected_core
+from .selection import overlap_weights, top_n_blocks
 from .softmax import accumulate_dtype, masked_softmax
 
 
@@ -148,36 +148,21 @@ def decode_attention(q: torch.Tensor, gates: torch.Tensor, cache: NSACache, *, s
     o_cmp = torch.einsum("bhgs,bshd->bhgd", p.to(v_cmp.dtype), v_cmp)  # [B, H, G, DV]
 
     # Selection: scores (Eq. 8-10) and top-n with forced blocks (Eq. 11), as selection.py does for row t.
-    NS, n = config.num_select_blocks(t + 1), config.num_selected  # candidates j <= t // l'
+    NS = config.num_select_blocks(t + 1)  # candidates j <= t // l'
     p_cmp = torch.exp(s - lse[..., None])  # Eq. 8
     weights = overlap_weights(s.shape[-1], NS, config, q.device).to(acc)  # [TC, NS] (Eq. 9)
     scores = (p_cmp @ weights).sum(dim=2)  # Eq. 9-10: [B, H, NS]
-    forced = forced_blocks(torch.tensor([t], device=q.device), torch.arange(NS, device=q.device), config)[0]
-    rank = torch.where(forced, float("inf"), scores)
-    rank = torch.nn.functional.pad(rank, (0, max(0, n - NS)), value=float("-inf"))
-    order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :n]  # ties: lower index first
-    idx = torch.where(torch.gather(rank, -1, order) > float("-inf"), order, NS + n)
-    idx = torch.sort(idx, dim=-1).values
-    block_idx = torch.where(idx < NS + n, idx, -1)  # [B, H, n], ascending, -1 padded
+    position = torch.tensor([t], device=q.device)
+    block_idx = top_n_blocks(scores[:, None], position, config)  # [B, 1, H, n] (Eq. 11)
 
     # Selected attention (Eq. 12) over the cached raw tokens of the chosen blocks, s <= t.
-    ls = config.select_block
-    keys = block_idx[..., None] * ls + torch.arange(ls, device=q.device)  # [B, H, n, l']
-    valid = ((block_idx[..., None] >= 0) & (keys <= t)).flatten(-2)  # [B, H, n * l']
-    keys = torch.where(valid, keys.flatten(-2), 0)
-    b_i = torch.arange(B, device=q.device)[:, None, None]
-    h_i = torch.arange(H, device=q.device)[None, :, None]
-    kg = k_slc.transpose(1, 2)[b_i, h_i, keys]  # [B, H, n * l', DK]
-    vg = v_slc.transpose(1, 2)[b_i, h_i, keys]  # [B, H, n * l', DV]
-    s = torch.einsum("bhgd,bhsd->bhgs", qg, kg).to(acc) * scale
-    p, _ = masked_softmax(s, valid[:, :, None, :])
-    o_slc = torch.einsum("bhgs,bhsd->bhgd", p.to(vg.dtype), vg)
+    o_slc = selected_core(q, k_slc, v_slc, block_idx, config, scale, positions=position)  # [B, 1, HQ, DV]
 
     # Sliding window over the cached last w tokens, all visible.
     s = torch.einsum("bhgd,bshd->bhgs", qg, k_win).to(acc) * scale  # [B, H, G, min(t + 1, w)]
     p, _ = masked_softmax(s, torch.ones_like(s, dtype=torch.bool))
     o_win = torch.einsum("bhgs,bshd->bhgd", p.to(v_win.dtype), v_win)
 
-    o_cmp, o_slc, o_win = (o.reshape(B, 1, HQ, DV) for o in (o_cmp, o_slc, o_win))
+    o_cmp, o_win = (o.reshape(B, 1, HQ, DV) for o in (o_cmp, o_win))
     o = combine_gates(gates, o_cmp, o_slc, o_win)  # Eq. 5
-    return NSAOutput(o, o_cmp, o_slc, o_win, lse.reshape(B, 1, HQ), block_idx[:, None].to(torch.int32))
+    return NSAOutput(o, o_cmp, o_slc, o_win, lse.reshape(B, 1, HQ), block_idx)

@@ -1,7 +1,8 @@
 r"""Selected attention: each query reads, in full, the blocks its GQA group selected (paper Eq. 12).
 
 $$\tilde K^{slc}_t = \mathrm{Cat}\big[\{k_{j l' : (j+1) l'} \mid j \in I_t\}\big], \qquad
-  o^{slc}_t = \sum_{s \in \tilde K^{slc}_t,\; s \le t} \mathrm{softmax}_s\big(\tfrac{q_t^\top k_s}{\sqrt{d_k}}\big)\, v_s$$
+  o^{slc}_t = \sum_{s \in \tilde K^{slc}_t,\; s \le t}
+  \mathrm{softmax}_s\big(\tfrac{q_t^\top k_s}{\sqrt{d_k}}\big)\, v_s$$
 
 $I_t$ are the block indices from ``selection.py`` (Eq. 11), shared by the query heads of a kv head's
 group (Eq. 10). The current block is causally masked ($s \le t$). This function takes any indices,
@@ -63,7 +64,7 @@ def selected_attention(
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
         return map_sequences(  # type: ignore[return-value]
-            lambda q_, k_, v_, i_: _selected_attention(
+            lambda q_, k_, v_, i_: selected_core(
                 q_, k_, v_, check_block_idx(i_, 1, q_.shape[1], H, config, q.device), config, scale
             ),
             cu_seqlens,
@@ -71,21 +72,29 @@ def selected_attention(
             [q, k, v, block_idx],
         )
     check_block_idx(block_idx, B, T, H, config, q.device)
-    return _selected_attention(q, k, v, block_idx, config, scale)
+    return selected_core(q, k, v, block_idx, config, scale)
 
 
-def _selected_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor, config: NSAConfig, scale: float
+def selected_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The dense-batch core; ``positions`` [T] are the queries' token positions (default 0 .. T-1; a decode
+    step passes its one position)."""
     B, T, HQ, DK = q.shape
-    H, DV, S, ls = k.shape[2], v.shape[3], block_idx.shape[3], config.select_block
+    S_kv, H, DV, S, ls = k.shape[1], k.shape[2], v.shape[3], block_idx.shape[3], config.select_block
     qg = q.view(B, T, H, HQ // H, DK)  # [B, T, H, G, DK]
     acc = accumulate_dtype(q.dtype)
-    kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-    b_i = torch.arange(B, device=q.device)[:, None, None, None]
-    h_i = torch.arange(H, device=q.device)[None, None, :, None]
+    k_rows, v_rows = k.transpose(1, 2).reshape(B * H * S_kv, DK), v.transpose(1, 2).reshape(B * H * S_kv, DV)
+    row0 = (torch.arange(B * H, device=q.device) * S_kv).view(B, 1, H, 1)  # first row of (b, h) in k_rows
     offsets = torch.arange(ls, device=q.device)
-    positions = torch.arange(T, device=q.device)
+    if positions is None:
+        positions = torch.arange(T, device=q.device)
     parts = []
     chunk = query_chunk(B * H * S * ls * ((DK + DV) * k.element_size() + (HQ // H) * 4 * 3))
     for t0 in range(0, T, chunk):
@@ -93,8 +102,10 @@ def _selected_attention(
         idx = block_idx[:, t0:t1].long()  # [B, Tc, H, S]
         keys = idx[..., None] * ls + offsets  # [B, Tc, H, S, l']: tokens of the selected blocks (Eq. 12)
         valid = (idx[..., None] >= 0) & (keys <= positions[t0:t1, None, None, None])  # s <= t
-        keys = torch.where(valid, keys, 0).flatten(-2)  # [B, Tc, H, S * l']
-        kg, vg = kh[b_i, h_i, keys], vh[b_i, h_i, keys]  # [B, Tc, H, S * l', D]: gathered once per group
+        rows = (row0 + torch.where(valid, keys, 0).flatten(-2)).flatten()  # [B * Tc * H * S * l']
+        shape = (B, t1 - t0, H, S * ls)
+        kg = k_rows.index_select(0, rows).view(*shape, DK)  # [B, Tc, H, S * l', DK]: gathered once per group
+        vg = v_rows.index_select(0, rows).view(*shape, DV)
         s = torch.einsum("bthgd,bthsd->bthgs", qg[:, t0:t1], kg).to(acc) * scale  # [B, Tc, H, G, S * l']
         p, _ = masked_softmax(s, valid.flatten(-2)[:, :, :, None, :])
         parts.append(torch.einsum("bthgs,bthsd->bthgd", p.to(v.dtype), vg))  # [B, Tc, H, G, DV]

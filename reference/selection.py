@@ -147,15 +147,21 @@ def select_blocks(
 def _select_blocks(
     q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, config: NSAConfig, scale: float
 ) -> torch.Tensor:
-    T, n = q.shape[1], config.num_selected
     scores = _selection_scores(q, k_cmp, lse, config, scale)  # [B, T, H, NS]
-    NS = scores.shape[-1]
-    t = torch.arange(T, device=q.device)
-    j = torch.arange(NS, device=q.device)
-    candidate = select_candidates(t // config.select_block, j)  # [T, NS]: j <= t // l'
-    forced = forced_blocks(t, j, config)  # [T, NS]: initial and local blocks
-    rank = torch.where(forced[None, :, None, :], float("inf"), scores)
-    rank = torch.where(candidate[None, :, None, :], rank, float("-inf"))
+    return top_n_blocks(scores, torch.arange(q.shape[1], device=q.device), config)
+
+
+def top_n_blocks(scores: torch.Tensor, t: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """Eq. 11 with the forced blocks: scores [..., T, H, NS] of the queries at positions t [T] -> [..., T, H, n].
+
+    int32, ascending, -1 padded; ties go to the lower block index (spec section 6).
+    """
+    n, NS = config.num_selected, scores.shape[-1]
+    j = torch.arange(NS, device=scores.device)
+    candidate = select_candidates(t // config.select_block, j)[:, None, :]  # [T, 1, NS]: j <= t // l'
+    forced = forced_blocks(t, j, config)[:, None, :]  # [T, 1, NS]: initial and local blocks
+    rank = torch.where(forced, float("inf"), scores)
+    rank = torch.where(candidate, rank, float("-inf"))
     if NS < n:  # fewer blocks than slots: pad so that the top-n below is defined
         rank = torch.nn.functional.pad(rank, (0, n - NS), value=float("-inf"))
     order = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :n]  # ties: lower index first

@@ -1,7 +1,5 @@
 """Token compression (spec section 3, Eq. 7): block formation, the phi modules, varlen packing."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,15 +10,6 @@ from reference.compression import LinearCompression, MeanCompression, MLPCompres
 
 KINDS = ("mlp", "mean", "linear")
 FEW = settings(max_examples=min(30, settings.default.max_examples))  # run once per phi kind
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These shapes are tiny: one intra-op thread is several times faster than thread hand-offs (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:

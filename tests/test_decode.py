@@ -1,7 +1,5 @@
 """Decoding with NSACache (spec section 8): every decode step equals the parallel forward at that position."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,15 +8,6 @@ from hypothesis import strategies as st
 from reference import NativeSparseAttention, NSACache, NSAConfig
 
 FEW = settings(max_examples=min(40, settings.default.max_examples))  # each example decodes up to 24 steps
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These shapes are tiny: one intra-op thread is several times faster than thread hand-offs (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:

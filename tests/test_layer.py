@@ -1,7 +1,5 @@
 """The NativeSparseAttention layer and RoPE: shapes, options, gradients, causality, varlen, validation."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,15 +11,6 @@ FEW = settings(max_examples=min(30, settings.default.max_examples))  # whole-lay
 CONFIG = NSAConfig(
     compress_block=4, compress_stride=2, select_block=8, num_selected=3, num_initial=1, num_local=1, window=6
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These shapes are tiny: one intra-op thread is several times faster than thread hand-offs (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:

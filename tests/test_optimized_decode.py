@@ -16,7 +16,10 @@ def _problem(lengths, H, G, DK, DV, dtype, seed):
     """Raw per-branch K/V, queries and gates for B right-padded sequences of the given lengths."""
     gen = torch.Generator().manual_seed(seed)
     B, T = len(lengths), max(lengths)
-    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
     x = {
         "q": rnd(B, T, H * G, DK),
         **{f"k_{b}": rnd(B, T, H, DK) for b in ("cmp", "slc", "win")},
@@ -38,15 +41,18 @@ def _expected(x, b, T, config):
 def _run_decode(x, prompts, steps, config, dtype, max_len):
     B, _, H, DK = x["k_slc"].shape
     cache = DecodeCache(B, max_len, H, DK, x["v_slc"].shape[-1], config, dtype=dtype, device=DEVICE)
-    dev = lambda t: t.to(DEVICE, dtype)
+
+    def dev(t):
+        return t.to(DEVICE, dtype)
+
     names = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win")
     cache.prefill(*(dev(x[n]) for n in names), lengths=prompts)
     outputs, indices = [], []
     pos = torch.tensor(prompts)
     for _ in range(steps):
-        at = lambda n: dev(x[n][torch.arange(B), pos][:, None])  # [B, 1, ...] the token at each sequence's position
-        cache.append(*(at(n) for n in names))
-        o, idx = decode_attention(at("q"), at("gates"), cache, return_block_idx=True)
+        new = {n: dev(x[n][torch.arange(B), pos][:, None]) for n in (*names, "q", "gates")}  # [B, 1, ...]
+        cache.append(*(new[n] for n in names))
+        o, idx = decode_attention(new["q"], new["gates"], cache, return_block_idx=True)
         outputs.append(o[:, 0].double().cpu())
         indices.append(idx.cpu())
         pos += 1
@@ -126,8 +132,13 @@ def test_decode_step_captures_in_cuda_graph():
     B, H, G, D, prompt = 4, 2, 8, 64, 700
     x = _problem([prompt + 3] * B, H, G, D, D, torch.bfloat16, seed=3)
     names = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win")
-    dev = lambda t: t.to("cuda", torch.bfloat16)
-    make = lambda: DecodeCache(B, prompt + 8, H, D, D, config, dtype=torch.bfloat16, device="cuda")
+
+    def dev(t):
+        return t.to("cuda", torch.bfloat16)
+
+    def make():
+        return DecodeCache(B, prompt + 8, H, D, D, config, dtype=torch.bfloat16, device="cuda")
+
     eager, graphed = make(), make()
     for cache in (eager, graphed):
         cache.prefill(*(dev(x[n]) for n in names), lengths=[prompt] * B)
