@@ -28,7 +28,7 @@ test-py: $(STAMP)
 
 test-notebooks: $(STAMP)
 	$(PY) -m jupytext --quiet --to ipynb notebooks/*.py
-	TRITON_INTERPRET=1 $(PY) -m pytest -p no:randomly --nbmake notebooks/*.ipynb -o testpaths=notebooks
+	TRITON_INTERPRET=1 $(PY) -m pytest -p no:randomly --nbmake --overwrite notebooks/*.ipynb -o testpaths=notebooks
 
 test-docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet

@@ -4,7 +4,8 @@ They keep the site in step with the repository as files come and go, so ``mkdocs
 never depends on a hand-kept list:
 
 * **Notebooks.** The jupytext scripts ``notebooks/NN_*.py`` live outside ``docs/``. ``on_files``
-  adds each one as a virtual docs file ``notebooks/NN_*.py`` (backed by the real file, nothing is
+  adds each one (or its executed ``.ipynb``, when ``make test-notebooks`` has written a fresh one, so
+  that the pages show the figures) as a virtual docs file ``notebooks/NN_*`` (backed by the real file, nothing is
   copied), *before* mkdocs-jupyter turns matching files into notebook pages; ``on_config`` adds a nav
   entry for each notebook that exists, titled by its first Markdown heading.
 * **API pages.** ``<!-- api-modules: PACKAGE -->`` in a page expands to one ``::: PACKAGE.module``
@@ -69,13 +70,19 @@ def _root(config) -> Path:
 
 
 def _notebooks(config) -> list[Path]:
-    return sorted((_root(config) / "notebooks").glob(NOTEBOOK_GLOB))
+    """Each notebook's executed ``.ipynb`` (``make test-notebooks`` writes it, outputs and figures included)
+    when it is at least as new as its ``.py`` script, else the script itself (rendered without outputs)."""
+    scripts = sorted((_root(config) / "notebooks").glob(NOTEBOOK_GLOB))
+    executed = [p.with_suffix(".ipynb") for p in scripts]
+    return [
+        nb if nb.is_file() and nb.stat().st_mtime >= py.stat().st_mtime else py for py, nb in zip(scripts, executed)
+    ]
 
 
 def _notebook_title(path: Path) -> str:
     """The first Markdown heading of a jupytext percent script, else a title made from the file name."""
     in_markdown = False
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.with_suffix(".py").read_text(encoding="utf-8").splitlines():
         if line.startswith("# %%"):
             in_markdown = "[markdown]" in line or "[md]" in line
             continue

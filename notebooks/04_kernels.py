@@ -50,12 +50,11 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Rectangle
 
+import optimized
 import reference
 from reference import NSAConfig
 from reference.compression import mean_pool
 from reference.viz import BRANCH_COLORS, BRANCH_LABELS
-
-import optimized
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 print("device:", DEVICE, "| TRITON_INTERPRET =", os.environ.get("TRITON_INTERPRET"))
