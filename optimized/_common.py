@@ -153,7 +153,7 @@ def attn_fwd_finish(b_m, b_l, b_acc):
     m_seen = b_l > 0
     b_l_safe = tl.where(m_seen, b_l, 1.0)
     b_o = b_acc / b_l_safe[:, None]
-    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * 0.6931471805599453, float("-inf"))
+    b_lse = tl.where(m_seen, (b_m + tl.log2(b_l_safe)) * LN2, float("-inf"))
     return b_o, b_lse
 
 
@@ -237,7 +237,7 @@ def attn_bwd_dkv_step(
     """
     b_q = tl.load(p_q, mask=m_q, other=0.0)  # [BM, BK]
     b_do = tl.load(p_do, mask=m_do, other=0.0)  # [BM, BV]
-    b_lse2 = tl.load(p_lse, mask=m_r, other=0.0) * 1.4426950408889634  # [BM]
+    b_lse2 = tl.load(p_lse, mask=m_r, other=0.0) * LOG2E  # [BM]
     b_delta = tl.load(p_delta, mask=m_r, other=0.0)  # [BM]
     b_p, b_ds = attn_bwd_probs(b_q, b_do, b_k, b_v, b_lse2, b_delta, m_s, qk_scale, DOT_PRECISION)
     b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [BN, BV]

@@ -88,7 +88,7 @@ def _row_setup(
     return bos, o_t, o_row, m_r, b_idx
 
 
-@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(2, 3)), key=_TUNE_KEY)
+@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(1, 2, 3)), key=_TUNE_KEY)
 @triton.jit
 def selected_fwd_kernel(
     q,  # [TT, HQ, DK]
@@ -156,7 +156,7 @@ def selected_fwd_kernel(
     tl.store(lse + o_row, b_lse, mask=m_r)
 
 
-@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(2, 3)), key=_TUNE_KEY)
+@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(1, 2, 3)), key=_TUNE_KEY)
 @triton.jit
 def selected_bwd_dq_kernel(
     q,
@@ -228,7 +228,9 @@ def selected_bwd_dq_kernel(
 
 
 @triton.autotune(
-    configs=autotune_configs({}, num_warps=(4, 8), num_stages=(2,)), key=_TUNE_KEY, reset_to_zero=["dk", "dv"]
+    configs=autotune_configs({"BM": (32, 64)}, num_warps=(4, 8), num_stages=(1, 2), interpreter={"BM": 16}),
+    key=_TUNE_KEY,
+    reset_to_zero=["dk", "dv"],
 )
 @triton.jit
 def selected_bwd_dkv_kernel(
@@ -443,7 +445,7 @@ def selected_attention_bwd(
     dv = torch.zeros(v2.shape, dtype=torch.float32, device=q.device)
     selected_bwd_dkv_kernel[(key.numel(),)](
         q2, k2, v2, do2, lse2, delta, dk, dv, key, start, end, query_of, block_start, block_end, scale, NB,
-        BM=16 if is_interpreting() else 64, **meta,
+        **meta,
     )  # fmt: skip
     return dq.view(q.shape), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype)
 

@@ -19,10 +19,16 @@ blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compressed blocks, taken in
 At the end the list is sorted ascending by index (rank by pairwise comparison) and stored with ``-1``
 padding. Memory is ``O(T n)``: no ``[T, TC]`` or ``[T, NS]`` tensor is ever written, and the registers
 hold ``[BT, BS]`` scores and ``[BT, NP]`` list entries whatever the sequence length, so there is no
-limit on ``NS``. Costs: the ``q k~^T`` products equal one compressed-attention forward's first matmul
-(this is the second pass that needs the final log-sum-exp); the map adds ``BT * BC * BS`` multiply-adds
-per tile (``BS = 16``: one eighth of the ``q k~^T`` work at ``G = 1, DK = 128``); the merge costs at most
-``min(n, BS)`` short reductions per chunk, and none once a chunk cannot beat the list.
+limit on ``NS`` (128k tokens are 2048 blocks at ``l' = 64``: 128 chunks). ``DK <= 256`` (one ``q`` tile).
+
+Costs: the ``q k~^T`` products equal one compressed-attention forward's first matmul (this is the second
+pass, which needs the final log-sum-exp); each head's ``q`` tile is re-read per compressed tile (from
+L1/L2: ``BT x DK`` per ``BT x BC x DK`` products). The map adds ``BT * BC * BS`` multiply-adds per tile,
+once per group (``BS = 16`` against ``G * DK`` for ``q k~^T``), run as three tf32 passes. The merge
+stops as soon as no row improves: at most ``min(n, BS) + 1`` rounds of four ``[BT, BS]``/``[BT, NP]``
+reductions per chunk (a row never inserts more than that, since what it inserted from a chunk beats
+everything left in it), and one round once the list is better than the chunk, which is the common case
+late in a long sequence.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import triton.language as tl
 from reference.config import NSAConfig
 from reference.selection import _check_selection_inputs
 
-from ._common import LOG2E, check_kernel_dtype, dot_precision, is_interpreting, next_power_of_2
+from ._common import LOG2E, autotune_configs, check_kernel_dtype, dot_precision, is_interpreting, next_power_of_2
 from ._sparse import sequence_lengths, sequence_tiles
 
 BIG = tl.constexpr(1 << 30)  # an index past every real block: marks empty list slots
@@ -49,6 +55,7 @@ def _overlap(o_i, o_j, L: tl.constexpr, D: tl.constexpr, LS: tl.constexpr):
     return tl.maximum(end - start, 0) // D
 
 
+@triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2)), key=["G", "BK", "N", "BS", "BC"])
 @triton.jit
 def select_blocks_kernel(
     q,  # [TT, HQ, DK] packed tokens
@@ -188,7 +195,7 @@ def select_blocks_fwd(
         G=HQ // H, DK=DK, L=config.compress_block, D=config.compress_stride, LS=config.select_block,
         N=n, N_INIT=config.num_initial, N_LOCAL=config.num_local,
         BT=BT, BS=BS, BC=min(128, next_power_of_2(BS * R)), BK=next_power_of_2(DK), NP=next_power_of_2(n, 2),
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
+        DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
     return out.view(B, T, H, n)
 

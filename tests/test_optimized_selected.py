@@ -11,7 +11,7 @@ from kernel_problems import DEVICE
 from sparse_problems import problem, sparse_problems
 
 import reference
-from optimized.selected import invert_blocks, selected_attention
+from optimized.selected import _row_tiles, invert_blocks, selected_attention
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, assert_close_to_reference, check_against_reference
 
@@ -107,23 +107,30 @@ def test_selected_gpu_large(p: NSAProblem) -> None:
 
 
 @pytest.mark.gpu
-def test_selected_gpu_timing_report(capsys: pytest.CaptureFixture[str]) -> None:
-    """Not a pass/fail bound: prints fwd/bwd times and the union waste of the row tiles at T = 16k."""
-    B, T, H, G, D = 1, 16384, 4, 16, 128
+@pytest.mark.parametrize("G", [16, 4, 1])
+def test_selected_gpu_timing_report(G: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a pass/fail bound: prints fwd/bwd times and the tensor-core waste of the row tiles (random selections)."""
+    B, T, H, D = 1, 16384, 4, 128
     cfg = NSAConfig()
     p = problem(T, H, G, D, D, cfg, torch.bfloat16)
     x = p.tensors("cuda", requires_grad=True)
     idx = _random_block_idx(B, T, H, cfg.num_selected, cfg.select_block, seed=0).cuda()
-    o = selected_attention(x.q, x.k_slc, x.v_slc, idx, cfg)
-    o.backward(torch.ones_like(o))
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    o = selected_attention(x.q, x.k_slc, x.v_slc, idx, cfg)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    o.backward(torch.ones_like(o))
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
+    _, _, _, _, union_len, BM = _row_tiles(idx[0], G, [T], cfg)
+    waste = float(union_len.sum()) * BM / (float((idx >= 0).sum()) * G)
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        o = selected_attention(x.q, x.k_slc, x.v_slc, idx, cfg)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        o.backward(torch.ones_like(o))
+        torch.cuda.synchronize()
+        times.append((t1 - t0, time.perf_counter() - t1))
+    fwd, bwd = times[-1]
     with capsys.disabled():
-        print(f"\nselected_attention T={T} HQ={H * G} H={H} D={D}: ", end="")
-        print(f"fwd {1e3 * (t1 - t0):.2f} ms, bwd {1e3 * (t2 - t1):.2f} ms")
+        print(
+            f"\nselected_attention T={T} HQ={H * G} H={H} D={D}: fwd {1e3 * fwd:.2f} ms, bwd {1e3 * bwd:.2f} ms, ",
+            end="",
+        )
+        print(f"computed / selected block-rows {waste:.2f}")
