@@ -173,9 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
         text = f"loss {loss_avg:.3f} train acc {acc_avg:.3f}"
         if evaluate_now:
             accuracy = evaluate(model, task, args.eval_sequences, args.eval_seed)
-            elapsed = time.perf_counter() - start
-            history.append({"step": step, "loss": loss_avg, "train_accuracy": acc_avg, "heldout_accuracy": accuracy})
-            history[-1]["seconds"] = round(elapsed, 1)
+            seconds = round(time.perf_counter() - start, 1)
+            row = {"step": step, "seconds": seconds, "loss": loss_avg, "train_accuracy": acc_avg}
+            history.append(row | {"heldout_accuracy": accuracy})
             text += f" held-out acc {accuracy:.3f}"
         progress.update(step, text, newline=evaluate_now)
         if out_of_time or (evaluate_now and args.target_accuracy is not None and accuracy >= args.target_accuracy):

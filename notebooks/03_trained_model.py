@@ -305,15 +305,16 @@ def accuracy_without(model: TinyLM, branch: str | None) -> float:
 ablation = {"none": accuracy_without(trained, None)} | {b: accuracy_without(trained, b) for b in BRANCHES}
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.bar(
-    ["nothing off", *[f"{BRANCH_LABELS[b]} off" for b in BRANCHES]],
+    ["none", *[BRANCH_LABELS[b] for b in BRANCHES]],
     list(ablation.values()),
     color=["#444444", *[BRANCH_COLORS[b] for b in BRANCHES]],
 )
 ax.axhline(1 / task.num_values, color="k", ls=":", label="chance")
 ax.set_ylabel("accuracy")
 ax.set_ylim(0, 1.05)
+ax.set_xlabel("gates forced to 0 in every layer")
 ax.set_title("Trained model with one branch switched off")
-ax.legend()
+ax.legend(loc="center left", bbox_to_anchor=(1, 0.5))
 plt.show()
 print(ablation)
 

@@ -335,7 +335,7 @@ def _row_tiles(block_idx: torch.Tensor, G: int, lengths: list[int], config: NSAC
     BM = 16
     cu, _, tile_seq, tile_start = sequence_tiles(lengths, config, BM, G, block_idx.device)
     TT, H, N = block_idx.shape
-    P = -(-BM // G) + 1  # positions a tile of BM rows can touch
+    P = BM // G if BM % G == 0 else BM // G + 2  # positions a tile of BM rows can touch
     first = tile_start.long() // G
     last = (torch.minimum(tile_start.long() + BM, cu.long()[tile_seq.long() + 1] * G) - 1) // G
     pos = torch.minimum(first[:, None] + torch.arange(P, device=first.device), last[:, None])  # [NT, P]

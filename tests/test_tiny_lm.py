@@ -112,7 +112,7 @@ def test_window_model_cannot_see_past_the_window() -> None:
 def test_one_training_step_reduces_the_loss(attention: str) -> None:
     model = small_model(attention)
     batch = make_batch(SMALL_TASK, 16, torch.Generator().manual_seed(3))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before, _ = recall_loss(model, batch)
     opt.zero_grad()
     before.backward()
@@ -142,8 +142,10 @@ def test_train_cli_writes_checkpoint_and_results(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not CHECKPOINT.exists(), reason="examples/checkpoints/nsa.pt not trained yet")
-def test_committed_checkpoint_loads_and_runs() -> None:
+def test_committed_checkpoint_loads_and_retrieves() -> None:
     model, task = load_checkpoint(CHECKPOINT)
     assert model.config.attention == "nsa"
-    tokens = make_batch(task, 2, torch.Generator().manual_seed(0)).tokens
-    assert model(tokens).shape == (2, task.seq_len, task.vocab_size)
+    batch = make_batch(task, 64, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        _, hit = recall_loss(model, batch)
+    assert hit.float().mean().item() > 0.9
