@@ -111,18 +111,30 @@ def test_decode_rejects_bad_input():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_gpu_large(dtype):
-    """Paper defaults, ragged prompts of a few thousand tokens, G=16, D=128, low precision."""
+    """Paper defaults, ragged prompts of a few thousand tokens, G=16, D=128.
+
+    float32: the selection equals the parallel forward's and the output is within 1e-4. bfloat16: rounding
+    may flip near-tied selections, so at least 90% of the selections must agree and the rows that agree
+    must be within bf16 rounding of the float64 forward.
+    """
     config = reference.NSAConfig()
-    prompts, steps, H, G = [1500, 2100, 2600], 40, 2, 16
+    prompts, steps, H, G = [1500, 2100, 2600], 24, 2, 16
     lengths = [p + steps for p in prompts]
     x = _problem(lengths, H, G, 128, 128, dtype, seed=1)
-    outputs, _ = _run_decode(x, prompts, steps, config, dtype, max(lengths))
+    outputs, indices = _run_decode(x, prompts, steps, config, dtype, max(lengths))
+    agree, total = 0, 0
     for b, (p, n) in enumerate(zip(prompts, lengths)):
-        ref = _expected(x, b, n, config).o[0, p : p + steps]
-        err = (torch.stack([o[b] for o in outputs]) - ref).abs().max().item()
-        assert err < 3e-2, err
+        ref = _expected(x, b, n, config)
+        got_o = torch.stack([o[b] for o in outputs])  # [steps, HQ, DV]
+        got_i = torch.stack([i[b] for i in indices]).long()  # [steps, H, n]
+        same = (got_i == ref.block_idx[0, p : p + steps].long()).all(-1)  # [steps, H]
+        agree, total = agree + int(same.sum()), total + same.numel()
+        rows = same.repeat_interleave(G, dim=1)  # [steps, HQ]
+        err = (got_o - ref.o[0, p : p + steps]).abs().amax(-1)[rows]
+        assert err.max().item() < (1e-4 if dtype == torch.float32 else 2e-2), err.max().item()
+    assert agree == total if dtype == torch.float32 else agree >= 0.9 * total, (agree, total)
 
 
 @pytest.mark.gpu

@@ -51,7 +51,7 @@ def test_selected_any_index_order(dtype: torch.dtype) -> None:
     for fn, x in ((reference.selected_attention, x64), (reference.selected_attention, xdt), (selected_attention, xo)):
         o = fn(x.q, x.k_slc, x.v_slc, idx, CFG)
         outs.append((o, *torch.autograd.grad(o, (x.q, x.k_slc, x.v_slc), do.to(o.dtype))))
-    for name, a, e, s in zip(("o", "dq", "dk", "dv"), *outs[::-1]):
+    for name, a, s, e in zip(("o", "dq", "dk", "dv"), *outs[::-1]):  # kernel, same dtype, float64
         assert_close_to_reference(a, e, s, name=name)
 
 

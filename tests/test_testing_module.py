@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 import reference as R
 from reference.testing import (
+    FLOOR_EPS,
+    FLOOR_EPS_ACC,
     FUNCTIONS,
     NSAProblem,
     assert_close_to_reference,
@@ -69,7 +71,8 @@ def test_tolerance_rule() -> None:
     r = (e + torch.tensor([1e-3, 0, -4e-3])).float()
     bound, ref_err, floor = tolerance(e, r, torch.float32)
     assert ref_err == pytest.approx(4e-3, rel=1e-4)
-    assert floor == pytest.approx(8 * torch.finfo(torch.float32).eps * 2.0)
+    assert floor == pytest.approx(FLOOR_EPS_ACC * torch.finfo(torch.float32).eps * 2.0)  # float32 accumulation
+    assert tolerance(e, r.half(), torch.float16)[2] == pytest.approx(FLOOR_EPS * torch.finfo(torch.float16).eps * 2.0)
     assert bound == pytest.approx(2 * ref_err + floor)
     assert tolerance(e, r, torch.float32, ratio=3.0, floor=0.0)[0] == pytest.approx(3 * ref_err)
     assert tolerance(e, r, torch.float32, mask=torch.tensor([True, True, False]))[1] == pytest.approx(1e-3, rel=1e-4)
