@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reference._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_same, check_tensor
+from reference._checks import check_config, check_nsa_inputs, check_scale
 from reference.config import NSAConfig
 from reference.nsa import NSAOutput
 
@@ -162,37 +162,6 @@ def combine_gates(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor,
     return CombineGates.apply(gates, o_cmp, o_slc, o_win)
 
 
-def _check_nsa_inputs(
-    q: torch.Tensor,
-    k_cmp: torch.Tensor,
-    v_cmp: torch.Tensor,
-    k_slc: torch.Tensor,
-    v_slc: torch.Tensor,
-    k_win: torch.Tensor,
-    v_win: torch.Tensor,
-    gates: torch.Tensor,
-    cu_seqlens: torch.Tensor | None,
-) -> None:
-    """The reference's checks (same rules, same messages), plus the kernels' dtypes."""
-    B, T, HQ, _, _, DV = check_qkv(q, k_slc, v_slc, "k_slc", "v_slc")
-    check_qkv(q, k_win, v_win, "k_win", "v_win")
-    check_dim("k_slc", k_slc, 1, T, "T, as q")
-    check_dim("k_win", k_win, 1, T, "T, as q")
-    for name, x in (("k_cmp", k_cmp), ("k_win", k_win)):
-        if x.shape[2] != k_slc.shape[2]:
-            raise ValueError(f"{name} has {x.shape[2]} kv heads but k_slc has {k_slc.shape[2]}; they must match")
-    for name, x in (("v_cmp", v_cmp), ("v_win", v_win)):
-        check_tensor(name, x, 4, "[B, S, H, DV]")
-        check_dim(name, x, 3, DV, "DV, as v_slc")
-    check_tensor("gates", gates, 4, "[B, T, HQ, 3]")
-    if tuple(gates.shape) != (B, T, HQ, 3):
-        raise ValueError(f"gates must have shape [B, T, HQ, 3] = {[B, T, HQ, 3]}, got {list(gates.shape)}")
-    check_same("gates", gates, "q", q)
-    check_kernel_dtype("q", q)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, B, T)
-
-
 def nsa_attention(
     q: torch.Tensor,
     k_cmp: torch.Tensor,
@@ -215,12 +184,14 @@ def nsa_attention(
     Returns o [B, T, HQ, DV] (or an ``NSAOutput`` with every branch when ``return_aux``).
     """
     config = check_config(config)
-    _check_nsa_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens)
+    check_nsa_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens)
+    check_kernel_dtype("q", q)
     kw = {"scale": scale, "cu_seqlens": cu_seqlens}
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, config, **kw)
     block_idx = select_blocks(q.detach(), k_cmp.detach(), lse.detach(), config, **kw)  # Eq. 8-11, no gradient
-    scale_ = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o_slc = SelectedAttention.apply(q, k_slc, v_slc, block_idx, cu_seqlens, config.select_block, scale_)  # Eq. 12
+    o_slc = SelectedAttention.apply(  # Eq. 12; block_idx comes from select_blocks, no need to check it
+        q, k_slc, v_slc, block_idx, cu_seqlens, config.select_block, check_scale(scale, q.shape[-1])
+    )
     o_win = sliding_window_attention(q, k_win, v_win, config, **kw)
     o = combine_gates(gates, o_cmp, o_slc, o_win)  # Eq. 5
     if return_aux:

@@ -90,3 +90,34 @@ def check_scale(scale: object, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     return float(scale)
+
+
+def check_nsa_inputs(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    k_slc: torch.Tensor,
+    v_slc: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    gates: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+) -> None:
+    """The core's inputs (spec section 11): every branch's K/V against q, the gates [B, T, HQ, 3], cu_seqlens."""
+    B, T, HQ, _, _, DV = check_qkv(q, k_slc, v_slc, "k_slc", "v_slc")
+    check_qkv(q, k_win, v_win, "k_win", "v_win")
+    check_dim("k_slc", k_slc, 1, T, "T, as q")
+    check_dim("k_win", k_win, 1, T, "T, as q")
+    check_tensor("k_cmp", k_cmp, 4, "[B, TC, H, DK]")
+    for name, x in (("k_cmp", k_cmp), ("k_win", k_win)):
+        if x.shape[2] != k_slc.shape[2]:
+            raise ValueError(f"{name} has {x.shape[2]} kv heads but k_slc has {k_slc.shape[2]}; they must match")
+    for name, x in (("v_cmp", v_cmp), ("v_win", v_win)):
+        check_tensor(name, x, 4, "[B, S, H, DV]")
+        check_dim(name, x, 3, DV, "DV, as v_slc")
+    check_tensor("gates", gates, 4, "[B, T, HQ, 3]")
+    if tuple(gates.shape) != (B, T, HQ, 3):
+        raise ValueError(f"gates must have shape [B, T, HQ, 3] = {[B, T, HQ, 3]}, got {list(gates.shape)}")
+    check_same("gates", gates, "q", q)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, T)

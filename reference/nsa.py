@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_same, check_tensor
+from ._checks import check_config, check_nsa_inputs
 from .compressed import compressed_attention
 from .config import NSAConfig
 from .selected import selected_attention
@@ -66,23 +66,7 @@ def nsa_attention(
     Returns o [B, T, HQ, DV] (or an ``NSAOutput`` with every branch when ``return_aux``).
     """
     config = check_config(config)
-    B, T, HQ, _, _, DV = check_qkv(q, k_slc, v_slc, "k_slc", "v_slc")
-    check_qkv(q, k_win, v_win, "k_win", "v_win")
-    check_dim("k_slc", k_slc, 1, T, "T, as q")
-    check_dim("k_win", k_win, 1, T, "T, as q")
-    check_tensor("k_cmp", k_cmp, 4, "[B, TC, H, DK]")
-    for name, x in (("k_cmp", k_cmp), ("k_win", k_win)):
-        if x.shape[2] != k_slc.shape[2]:
-            raise ValueError(f"{name} has {x.shape[2]} kv heads but k_slc has {k_slc.shape[2]}; they must match")
-    for name, x in (("v_cmp", v_cmp), ("v_win", v_win)):
-        check_tensor(name, x, 4, "[B, S, H, DV]")
-        check_dim(name, x, 3, DV, "DV, as v_slc")
-    check_tensor("gates", gates, 4, "[B, T, HQ, 3]")
-    if tuple(gates.shape) != (B, T, HQ, 3):
-        raise ValueError(f"gates must have shape [B, T, HQ, 3] = {[B, T, HQ, 3]}, got {list(gates.shape)}")
-    check_same("gates", gates, "q", q)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, B, T)
+    check_nsa_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens)
     kw = {"scale": scale, "cu_seqlens": cu_seqlens}
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, config, **kw)
     block_idx = select_blocks(q.detach(), k_cmp.detach(), lse.detach(), config, **kw)  # Eq. 8-11, no gradient
