@@ -39,7 +39,7 @@ test-gpu:
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check reference optimized tests benchmarks
+	$(PY) -m ruff format --check reference optimized tests benchmarks examples scripts docs
 
 docs: $(STAMP)
 	$(PY) -m mkdocs serve
