@@ -33,9 +33,10 @@ test-notebooks: $(STAMP)
 test-docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --quiet
 
-# On the GPU machine (its own python, no venv): kernels natively at larger shapes, bf16 included.
+# On the GPU machine (its own python, no venv): the kernels' tests natively, larger shapes and bf16 included
+# (one autotune config per kernel: hypothesis draws many shapes). scripts/gpu_check.sh adds compute-sanitizer.
 test-gpu:
-	$(GPU_PY) -m pytest -m "gpu or not gpu" tests
+	HYPOTHESIS_PROFILE=gpu NSA_AUTOTUNE=0 $(GPU_PY) -m pytest tests/test_optimized_*.py tests/test_benchmarks.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
