@@ -9,15 +9,18 @@ from reference.decode import decode_tokens_read
 
 from .compressed import compressed_attention
 from .compression import mean_pool
+from .decode import DecodeCache, decode_attention
 from .nsa import combine_gates, nsa_attention
 from .selected import selected_attention
 from .selection import select_blocks
 from .window import sliding_window_attention
 
 __all__ = [
+    "DecodeCache",
     "NSAConfig",
     "combine_gates",
     "compressed_attention",
+    "decode_attention",
     "decode_tokens_read",
     "mean_pool",
     "nsa_attention",
