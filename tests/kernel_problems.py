@@ -37,28 +37,35 @@ def small_configs(draw: st.DrawFn, max_window: int = 72) -> NSAConfig:
 
 
 @st.composite
+def split_and_dims(draw: st.DrawFn, T: int, head_dims: tuple[int, ...]) -> tuple[tuple[int, ...] | None, int, int]:
+    """Sometimes a packed varlen split of T tokens (into 2-4 sequences), and head dims DK != DV."""
+    seqlens = None
+    if T > 1 and draw(st.booleans()):
+        cuts = sorted(draw(st.sets(st.integers(1, T - 1), min_size=1, max_size=3)))
+        seqlens = tuple(b - a for a, b in zip([0, *cuts], [*cuts, T]))
+    DK = draw(st.sampled_from(head_dims))
+    DV = draw(st.sampled_from([d for d in head_dims if d != DK]))
+    return seqlens, DK, DV
+
+
+@st.composite
 def kernel_problems(
     draw: st.DrawFn, max_seq_len: int = 64, max_kv_heads: int = 2, dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES
 ) -> NSAProblem:
     """B, T (from 1), H, G, DK != DV, dtype, seed, and sometimes a packed varlen split."""
     T = draw(st.integers(1, max_seq_len))
-    seqlens = None
-    if T > 1 and draw(st.booleans()):
-        cuts = sorted(draw(st.sets(st.integers(1, T - 1), min_size=1, max_size=3)))
-        seqlens = tuple(b - a for a, b in zip([0, *cuts], [*cuts, T]))
-    DK = draw(st.sampled_from(HEAD_DIMS))
-    DV = draw(st.sampled_from([d for d in HEAD_DIMS if d != DK]))
-    return NSAProblem(
+    seqlens, DK, DV = draw(split_and_dims(T, HEAD_DIMS))
+    return problem(
+        T,
+        draw(st.integers(1, max_kv_heads)),
+        draw(st.sampled_from(GROUPS)),
+        DK,
+        DV,
+        draw(small_configs(max_window=max_seq_len + 8)),
+        draw(st.sampled_from(dtypes)),
         batch=1 if seqlens is not None else draw(st.integers(1, 2)),
-        seq_len=T,
-        kv_heads=draw(st.integers(1, max_kv_heads)),
-        group=draw(st.sampled_from(GROUPS)),
-        head_dim_qk=DK,
-        head_dim_v=DV,
-        config=draw(small_configs(max_window=max_seq_len + 8)),
-        dtype=draw(st.sampled_from(dtypes)),
-        seed=draw(st.integers(0, 2**32 - 1)),
         seqlens=seqlens,
+        seed=draw(st.integers(0, 2**32 - 1)),
     )
 
 

@@ -7,11 +7,9 @@ The interpreter runs every program instance in Python, so the product T * G * H 
 
 from __future__ import annotations
 
-import torch
 from hypothesis import strategies as st
-from kernel_problems import KERNEL_DTYPES, ON_GPU
+from kernel_problems import KERNEL_DTYPES, ON_GPU, problem, split_and_dims
 
-from reference.config import NSAConfig
 from reference.testing import NSAProblem, nsa_configs
 
 HEAD_DIMS = (16, 24, 32, 48, 64)
@@ -25,38 +23,16 @@ def sparse_problems(draw: st.DrawFn, max_seq_len: int = 72, max_group: int = 8) 
     H = draw(st.integers(1, 2))
     G = draw(st.integers(1, max_group))
     T = draw(st.integers(1, max(4, min(max_seq_len, ROW_BUDGET // (G * H)))))
-    seqlens = None
-    if T > 1 and draw(st.booleans()):
-        cuts = sorted(draw(st.sets(st.integers(1, T - 1), min_size=1, max_size=3)))
-        seqlens = tuple(b - a for a, b in zip([0, *cuts], [*cuts, T]))
-    DK = draw(st.sampled_from(HEAD_DIMS))
-    DV = draw(st.sampled_from([d for d in HEAD_DIMS if d != DK]))
-    return NSAProblem(
+    seqlens, DK, DV = draw(split_and_dims(T, HEAD_DIMS))
+    return problem(
+        T,
+        H,
+        G,
+        DK,
+        DV,
+        config,
+        draw(st.sampled_from(KERNEL_DTYPES)),
         batch=1 if seqlens is not None else draw(st.integers(1, 2)),
-        seq_len=T,
-        kv_heads=H,
-        group=G,
-        head_dim_qk=DK,
-        head_dim_v=DV,
-        config=config,
-        dtype=draw(st.sampled_from(KERNEL_DTYPES)),
-        seed=draw(st.integers(0, 2**32 - 1)),
         seqlens=seqlens,
+        seed=draw(st.integers(0, 2**32 - 1)),
     )
-
-
-def problem(
-    T: int,
-    H: int,
-    G: int,
-    DK: int,
-    DV: int,
-    config: NSAConfig,
-    dtype: torch.dtype,
-    *,
-    batch: int = 1,
-    seqlens: tuple[int, ...] | None = None,
-    seed: int = 0,
-) -> NSAProblem:
-    """A fixed problem (edge cases, GPU shapes)."""
-    return NSAProblem(batch, T, H, G, DK, DV, config, dtype, seed, seqlens)
