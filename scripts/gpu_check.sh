@@ -8,10 +8,11 @@
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
 # BUDGET_S seconds (default 570, under the 10-minute limit of one GPU command): a step gets at most what
 # is left, and the benchmark's --max-minutes shrinks to fit. Files written under $OUT (default /tmp/out),
-# 8 at most: summary.txt env.txt tests.log sanitizer.log bench.log bench.json decode.json plots.tar.
+# summary.txt env.txt tests.log (and tests/<file>.log) sanitizer.log bench.log bench.json decode.json plots.tar.
 # The summary and the benchmark tables are printed last.
 #
-# Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s), SANITIZE_TIMEOUT (90 s per run),
+# Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s, per test file;
+# the files run in parallel), TEST_FILES, HYPOTHESIS_PROFILE (gpu), SANITIZE_TIMEOUT (90 s per run),
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BENCH_ARGS, DECODE_ARGS (extra flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,28 +71,47 @@ if want env; then
 fi
 
 if want tests; then
-    # the kernels' tests natively (the reference's tests are CPU-only and run in CI); one autotune config per
-    # kernel, since hypothesis draws many shapes and tuning each would eat the budget
-    HYPOTHESIS_PROFILE=gpu NSA_AUTOTUNE=0 run_step "pytest (kernels, hypothesis gpu)" "$TEST_TIMEOUT" "$OUT/tests.log" \
-        "$PY" -m pytest tests/test_optimized_*.py tests/test_benchmarks.py -q -p no:cacheprovider --durations=10
-    tail -n 40 "$OUT/tests.log" | grep -E '(passed|failed|error)' | tail -1 | sed 's/^/    /' >>"$SUMMARY"
+    # the kernels' tests natively (the reference's tests are CPU-only and run in CI), one pytest per file, all
+    # files at once: compiling a kernel for every drawn shape is CPU-bound, so the files compile in parallel.
+    # One autotune config per kernel, since hypothesis draws many shapes and tuning each would eat the budget.
+    TEST_FILES=${TEST_FILES:-$(ls tests/test_optimized_*.py tests/test_benchmarks.py)}
+    mkdir -p "$OUT/tests"
+    t0=$(date +%s)
+    limit=$(($(remaining) - 20))
+    ((limit > TEST_TIMEOUT)) && limit=$TEST_TIMEOUT
+    for f in $TEST_FILES; do
+        log=$OUT/tests/$(basename "$f" .py).log
+        (HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} NSA_AUTOTUNE=0 timeout -k 10 "$limit" \
+            "$PY" -m pytest "$f" -q -p no:cacheprovider --durations=5 >"$log" 2>&1
+            echo "rc=$?" >>"$log") &
+    done
+    wait
+    for log in "$OUT"/tests/*.log; do
+        rc=$(tail -n1 "$log" | sed 's/rc=//')
+        case $rc in 0) status=ok ;; 124 | 137) status=TIMEOUT ;; *) status="FAILED rc=$rc" ;; esac
+        printf '%-34s %-14s %s\n' "pytest $(basename "$log" .log)" "$status" \
+            "$(grep -E '[0-9]+ (passed|failed|error)' "$log" | tail -1)" >>"$SUMMARY"
+    done
+    printf '%-34s %4ss\n' "pytest wall time" "$(($(date +%s) - t0))" >>"$SUMMARY"
+    cat "$OUT"/tests/*.log >"$OUT/tests.log"
 fi
 
 if want sanitize; then
     SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-    for script in scripts/sanitize_dense.py scripts/sanitize_sparse.py; do
-        if [[ ! -f $script ]]; then
-            printf '%-34s %-14s\n' "sanitize $(basename "$script")" "SKIPPED absent" >>"$SUMMARY"
-            continue
-        fi
+    # the decode kernels through the decode test's ragged-batch property test (3 drawn cases and the pinned one)
+    SANITIZE_RUNS=("scripts/sanitize_dense.py" "scripts/sanitize_sparse.py"
+        "-m pytest tests/test_optimized_decode.py -q -p no:cacheprovider -p no:randomly -k equals_parallel")
+    for run in "${SANITIZE_RUNS[@]}"; do
+        name=$(basename "$(awk '{ print ($1 == "-m") ? $3 : $1 }' <<<"$run")")
         if [[ -z $SANITIZER ]]; then
-            printf '%-34s %-14s\n' "sanitize $(basename "$script")" "SKIPPED no compute-sanitizer" >>"$SUMMARY"
+            printf '%-34s %-14s\n' "sanitize $name" "SKIPPED no compute-sanitizer" >>"$SUMMARY"
             continue
         fi
         for tool in memcheck racecheck; do
             # without the caching allocator every tensor is its own allocation, so memcheck sees overruns
-            PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool $(basename "$script")" "$SANITIZE_TIMEOUT" "$OUT/sanitizer.log" \
-                "$SANITIZER" --tool "$tool" --error-exitcode 3 --print-limit 20 "$PY" "$script"
+            # shellcheck disable=SC2086 # run is a list of arguments
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 HYPOTHESIS_PROFILE=gpu-quick run_step "$tool $name" "$SANITIZE_TIMEOUT" \
+                "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 --print-limit 20 "$PY" $run
             grep -E '(ERROR|RACECHECK) SUMMARY' "$OUT/sanitizer.log" | tail -1 | sed 's/^/    /' >>"$SUMMARY"
         done
     done
