@@ -43,6 +43,7 @@ from ._common import (
     config_list,
     dot_precision,
     next_power_of_2,
+    prune_by_precision,
 )
 
 _TUNE_KEY = ["G", "BK", "BV"]
@@ -120,6 +121,7 @@ def _fwd_key_loop(
         interpreter={"BM": 32, "BN": 32},
     ),
     key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_by_precision},
 )
 @triton.jit
 def interval_fwd_kernel(
@@ -294,6 +296,7 @@ def _dq_key_loop(
         interpreter={"BM": 32, "BN": 32},
     ),
     key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_by_precision},
 )
 @triton.jit
 def interval_bwd_dq_kernel(
@@ -498,6 +501,7 @@ def _dkv_row_loop(
         interpreter={"BN": 32, "BM": 32},
     ),
     key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_by_precision},
     reset_to_zero=["dk", "dv"],
 )
 @triton.jit

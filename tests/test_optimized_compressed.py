@@ -9,6 +9,7 @@ from kernel_problems import DEVICE, examples, kernel_problems, problem
 
 import optimized.compressed as compressed_module
 import reference
+from optimized import _common
 from optimized.compressed import compressed_attention
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, assert_close_to_reference, check_against_reference
@@ -96,3 +97,23 @@ def test_compressed_split_backward(p: NSAProblem) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compressed_module, "DKV_SPLIT_ROWS", 40)
         check_against_reference("compressed_attention", compressed_attention, p, device=DEVICE)
+
+
+def test_exact_fp32_launches_get_small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU, float32 ("ieee") launches of the interval kernels only see the 32 x 32 twins of the configs."""
+    monkeypatch.setattr(_common, "is_interpreting", lambda: False)
+    monkeypatch.setenv("NSA_AUTOTUNE", "1")
+    configs = _common.config_list(
+        [({"BM": 128, "BN": 64}, 8, 3), ({"BM": 64, "BN": 64}, 4, 3), ({"BM": 32, "BN": 32}, 4, 2)]
+    )
+    exact = _common.prune_by_precision(configs, {}, DOT_PRECISION="ieee")
+    fast = _common.prune_by_precision(configs, {}, DOT_PRECISION="tf32")
+    assert [c.kwargs for c in fast] == [{"BM": 128, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 32, "BN": 32}]
+    assert sorted((c.kwargs["BM"], c.kwargs["BN"], c.num_stages, c.num_warps) for c in exact) == [
+        (32, 32, 2, 4),
+        (32, 32, 3, 4),
+    ]
+    monkeypatch.setenv("NSA_AUTOTUNE", "0")
+    configs = _common.config_list([({"BM": 128, "BN": 64}, 8, 3), ({"BM": 64, "BN": 64}, 4, 3)])
+    assert [c.kwargs for c in _common.prune_by_precision(configs, {}, DOT_PRECISION="ieee")] == [{"BM": 32, "BN": 32}]
+    assert [c.kwargs for c in _common.prune_by_precision(configs, {}, DOT_PRECISION="tf32")] == [{"BM": 128, "BN": 64}]
