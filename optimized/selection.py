@@ -1,13 +1,15 @@
 r"""Fused block selection (paper Eq. 8-12, spec sections 5-6): scores, overlap mapping, GQA sum and top-n in one kernel.
 
-Design. One program owns ``BT`` query positions of one sequence and one kv head. It walks the selection
-blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compressed blocks, taken in tiles of ``BC``):
+Design. One program owns ``BT`` query positions of one sequence and one kv head, as a tile of
+``BT * GP`` rows (position, query head) with the group padded to a power of two ``GP`` (128 rows for
+``DK <= 128``, else 64): the group's ``q`` tile is loaded once and stays in registers. The program walks the
+selection blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compressed blocks, taken in tiles of ``BC``):
 
-1. for each compressed tile and each of the group's ``G`` query heads, ``s = q_h k~^T`` ``[BT, BC]`` and the
-   probability ``p = exp2(s * scale * log2 e - lse * log2 e)`` rebuilt from the compressed branch's saved
-   log-sum-exp (Eq. 8), summed over the group's heads (Eq. 10; the overlap map is linear, so summing first
-   is exact and maps once instead of ``G`` times);
-2. the overlap map (Eq. 9) as a small matmul with the on-the-fly weight tile
+1. for each compressed tile, ``s = q k~^T`` ``[BT * GP, BC]`` in one matmul and the probability
+   ``p = exp2(s * scale * log2 e - lse * log2 e)`` rebuilt from the compressed branch's saved
+   log-sum-exp (Eq. 8), then summed over the group's rows (Eq. 10; the overlap map is linear, so summing
+   first is exact and maps once instead of ``G`` times);
+2. the overlap map (Eq. 9) with the on-the-fly weight tile
    ``W[i, j] = |[i d, i d + l) ∩ [j l', (j+1) l')| / d`` ``[BC, BS]`` (small integers, so exact in tf32;
    ``tf32x3`` keeps the probabilities at fp32 accuracy); the part of the chunk's last compressed blocks
    that spills into the next chunk's first selection block is carried in a ``[BT]`` vector;
@@ -22,11 +24,12 @@ hold ``[BT, BS]`` scores and ``[BT, NP]`` list entries whatever the sequence len
 limit on ``NS`` (128k tokens are 2048 blocks at ``l' = 64``: 128 chunks). ``DK <= 256`` (one ``q`` tile).
 
 Costs: the ``q k~^T`` products equal one compressed-attention forward's first matmul (this is the second
-pass, which needs the final log-sum-exp); each head's ``q`` tile is re-read per compressed tile (from
-L1/L2: ``BT x DK`` per ``BT x BC x DK`` products). The map adds ``BT * BC * BS`` multiply-adds per tile,
-once per group (``BS = 16`` against ``G * DK`` for ``q k~^T``), run as three tf32 passes. The merge
-stops as soon as no row improves: at most ``min(n, BS) + 1`` rounds of four ``[BT, BS]``/``[BT, NP]``
-reductions per chunk (a row never inserts more than that, since what it inserted from a chunk beats
+pass, which needs the final log-sum-exp). Per compressed tile a program reads one ``[BK, BC]`` key tile;
+``q`` is read once. (The first version looped over the group's heads inside the tile loop and re-read a
+``[64, BK]`` ``q`` tile per head and tile: 16 times the key bytes at G = 16.) The map adds
+``BT * BC * BS`` multiply-adds per tile, once per group: a tf32x3 matmul when ``BT >= 16``, else a
+broadcast sum in fp32. The merge stops as soon as no row improves: at most ``min(n, BS) + 1`` rounds of four
+``[BT, BS]``/``[BT, NP]`` reductions per chunk (a row never inserts more than that, since what it inserted from a chunk beats
 everything left in it), and one round once the list is better than the chunk, which is the common case
 late in a long sequence.
 """
@@ -75,6 +78,7 @@ def select_blocks_kernel(
     s_oh,
     qk_scale,  # scale * log2(e)
     G: tl.constexpr,
+    GP: tl.constexpr,
     DK: tl.constexpr,
     L: tl.constexpr,
     D: tl.constexpr,
@@ -89,17 +93,26 @@ def select_blocks_kernel(
     NP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """block_idx of BT positions of one sequence for kv head i_h (grid: query tiles x H)."""
+    """block_idx of BT positions of one sequence for kv head i_h (grid: query tiles x H).
+
+    The tile's rows are (position, head) pairs ``r = t * GP + g`` (the group padded to a power of two):
+    one ``[BT * GP, BK]`` q tile stays in registers and meets every compressed key tile in one matmul.
+    """
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     i_seq = tl.load(tile_seq + i_tile)
     bos, eos = tl.load(cu_seqlens + i_seq), tl.load(cu_seqlens + i_seq + 1)
     cbos = tl.load(cu_cmp + i_seq)
     t0 = tl.load(tile_start + i_tile)
     R: tl.constexpr = LS // D  # compressed blocks starting in one selection block
+    BM: tl.constexpr = BT * GP
 
     o_t = t0 + tl.arange(0, BT)  # [BT] packed positions
     m_t = o_t < eos
     p_t = o_t - bos  # [BT] positions inside the sequence
+    o_r = tl.arange(0, BM)  # [BM] rows t * GP + g
+    o_rt, o_rg = t0 + o_r // GP, o_r % GP
+    m_r = (o_rt < eos) & (o_rg < G)
+    p_rt = o_rt - bos  # [BM]
     t_last = tl.minimum(t0 + BT, eos) - 1 - bos
     n_vis = tl.where(t_last + 1 >= L, (t_last + 1 - L) // D + 1, 0)  # compressed blocks the last row sees
     n_blk = t_last // LS + 1  # candidate blocks of the last row
@@ -109,6 +122,10 @@ def select_blocks_kernel(
     o_s = tl.arange(0, BS)
     o_slot = tl.arange(0, NP)
 
+    o_rq = i_h * G + o_rg  # [BM] query head of each row
+    p_q = q + o_rt.to(tl.int64)[:, None] * s_qt + o_rq[:, None] * s_qh + o_k[None, :]
+    b_q = tl.load(p_q, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+    b_lse = tl.load(lse + o_rt.to(tl.int64) * s_lt + o_rq, mask=m_r, other=0.0)  # [BM]
     b_lv = tl.where(o_slot < N, float("-inf"), float("inf"))[None, :] + tl.zeros([BT, NP], tl.float32)  # [BT, NP]
     b_li = (o_slot + BIG)[None, :] + tl.zeros([BT, NP], tl.int32)  # [BT, NP]
     b_carry = tl.zeros([BT], tl.float32)
@@ -123,17 +140,15 @@ def select_blocks_kernel(
             m_i = o_i < c_end
             p_k = k_cmp + (cbos + o_i).to(tl.int64)[None, :] * s_kt + i_h * s_kh + o_k[:, None]
             b_kt = tl.load(p_k, mask=m_k[:, None] & m_i[None, :], other=0.0)  # [BK, BC]
-            m_vis = (o_i[None, :] * D + L - 1 <= p_t[:, None]) & m_i[None, :] & m_t[:, None]  # [BT, BC]
-            b_p = tl.zeros([BT, BC], tl.float32)
-            for g in range(G):
-                i_q = i_h * G + g
-                p_q = q + o_t.to(tl.int64)[:, None] * s_qt + i_q * s_qh + o_k[None, :]
-                b_q = tl.load(p_q, mask=m_t[:, None] & m_k[None, :], other=0.0)  # [BT, BK]
-                b_lse = tl.load(lse + o_t.to(tl.int64) * s_lt + i_q, mask=m_t, other=0.0)  # [BT]
-                b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BT, BC]
-                b_p += tl.where(m_vis, tl.math.exp2(b_s * qk_scale - b_lse[:, None] * _LOG2E), 0.0)
+            m_vis = (o_i[None, :] * D + L - 1 <= p_rt[:, None]) & m_i[None, :] & m_r[:, None]  # [BM, BC]
+            b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BM, BC]
+            b_p = tl.where(m_vis, tl.math.exp2(b_s * qk_scale - b_lse[:, None] * _LOG2E), 0.0)  # (Eq. 8)
+            b_p = tl.sum(tl.reshape(b_p, (BT, GP, BC)), axis=1)  # [BT, BC] summed over the group (Eq. 10)
             b_w = _overlap(o_i[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BS] (Eq. 9)
-            b_acc = tl.dot(b_p, b_w, b_acc, input_precision="tf32x3")
+            if BT >= 16:
+                b_acc = tl.dot(b_p, b_w, b_acc, input_precision="tf32x3")
+            else:
+                b_acc += tl.sum(b_p[:, :, None] * b_w[None, :, :], axis=1)
             b_next = _overlap(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] spill into the next chunk
             b_carry += tl.sum(b_p * b_next[None, :], axis=1)
 
@@ -180,7 +195,10 @@ def select_blocks_fwd(
     """Launch the fused selection. q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] -> [B, T, H, n] int32."""
     B, T, HQ, DK = q.shape
     H, n = k_cmp.shape[2], config.num_selected
-    BT = 16 if is_interpreting() else 64
+    G = HQ // H
+    GP = triton.next_power_of_2(G)
+    rows = 32 if is_interpreting() else (128 if DK <= 128 else 64)  # the q tile [rows, BK] stays in registers
+    BT = max(1, rows // GP)  # positions per tile: BT * GP >= 16 rows for tl.dot
     cu, cu_c, tile_seq, tile_start = sequence_tiles(sequence_lengths(B, T, cu_seqlens), config, BT, 1, q.device)
     q2 = q.contiguous().view(B * T, HQ, DK)
     k2 = k_cmp.contiguous().view(k_cmp.shape[0] * k_cmp.shape[1], H, DK)
@@ -192,7 +210,7 @@ def select_blocks_fwd(
         q2, k2, lse2, out, cu, cu_c, tile_seq, tile_start,
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), lse2.stride(0), out.stride(0), out.stride(1),
         scale * LOG2E,
-        G=HQ // H, DK=DK, L=config.compress_block, D=config.compress_stride, LS=config.select_block,
+        G=G, GP=GP, DK=DK, L=config.compress_block, D=config.compress_stride, LS=config.select_block,
         N=n, N_INIT=config.num_initial, N_LOCAL=config.num_local,
         BT=BT, BS=BS, BC=min(128, next_power_of_2(BS * R)), BK=next_power_of_2(DK), NP=next_power_of_2(n, 2),
         DOT_PRECISION=dot_precision(q.dtype),
@@ -257,6 +275,18 @@ def select_blocks(
     """
     config, scale = _check_selection_inputs(q, k_cmp, lse, config, scale, cu_seqlens)
     check_kernel_dtype("q", q)
+    return select_core(q, k_cmp, lse, config, scale, cu_seqlens)
+
+
+def select_core(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    lse: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`select_blocks` on checked arguments (``nsa_attention`` checks them once)."""
     c = config
     return torch.ops.nsa.select_blocks(
         q.detach(), k_cmp.detach(), lse.detach(), cu_seqlens, c.compress_block, c.compress_stride, c.select_block,
