@@ -28,10 +28,10 @@ pass, which needs the final log-sum-exp). Per compressed tile a program reads on
 ``q`` is read once. (The first version looped over the group's heads inside the tile loop and re-read a
 ``[64, BK]`` ``q`` tile per head and tile: 16 times the key bytes at G = 16.) The map adds
 ``BT * BC * BS`` multiply-adds per tile, once per group: a tf32x3 matmul when ``BT >= 16``, else a
-broadcast sum in fp32. The merge stops as soon as no row improves: at most ``min(n, BS) + 1`` rounds of four
-``[BT, BS]``/``[BT, NP]`` reductions per chunk (a row never inserts more than that, since what it inserted from a chunk beats
-everything left in it), and one round once the list is better than the chunk, which is the common case
-late in a long sequence.
+broadcast sum in fp32. The merge stops as soon as no row improves: at most ``min(n, BS) + 1`` rounds of
+four ``[BT, BS]``/``[BT, NP]`` reductions per chunk (a row never inserts more than that, since what it
+inserted from a chunk beats everything left in it), and one round once the list is better than the chunk,
+which is the common case late in a long sequence.
 """
 
 from __future__ import annotations
