@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Everything the GPU machine has to say, in one call: environment, tests, compute-sanitizer, benchmarks.
 #
-#   scripts/gpu_check.sh                      # all steps: env tests sanitize bench decode
+#   scripts/gpu_check.sh                      # all steps: env tests sanitize bench decode bounds
 #   scripts/gpu_check.sh env tests sanitize   # correctness only (~5-7 min)
-#   scripts/gpu_check.sh env bench decode     # performance only (~5-8 min)
+#   scripts/gpu_check.sh env bench decode bounds  # performance only (~6-9 min)
 #
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
 # BUDGET_S seconds (default 570, under the 10-minute limit of one GPU command): a step gets at most what
 # is left, and the benchmark's --max-minutes shrinks to fit. Files written under $OUT (default /tmp/out),
-# summary.txt env.txt tests.log (and tests/<file>.log) sanitizer.log bench.log bench.json decode.json plots.tar.
+# summary.txt env.txt tests.log sanitizer.log bench.log results.tar (bench.json decode.json bounds.json, plots).
 # The summary and the benchmark tables are printed last.
 #
 # Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s, per test file;
 # the files run in parallel), TEST_FILES, HYPOTHESIS_PROFILE (gpu), SANITIZE_TIMEOUT (90 s per run),
-# BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BENCH_ARGS, DECODE_ARGS (extra flags).
+# BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
+# BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,8 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-90}
 BENCH_MINUTES=${BENCH_MINUTES:-6}
 DECODE_TIMEOUT=${DECODE_TIMEOUT:-150}
-STEPS=${*:-env tests sanitize bench decode}
+BOUNDS_TIMEOUT=${BOUNDS_TIMEOUT:-120}
+STEPS=${*:-env tests sanitize bench decode bounds}
 START=$(date +%s)
 RESULTS=$(mktemp -d)
 mkdir -p "$OUT"
@@ -75,25 +77,25 @@ if want tests; then
     # files at once: compiling a kernel for every drawn shape is CPU-bound, so the files compile in parallel.
     # One autotune config per kernel, since hypothesis draws many shapes and tuning each would eat the budget.
     TEST_FILES=${TEST_FILES:-$(ls tests/test_optimized_*.py tests/test_benchmarks.py)}
-    mkdir -p "$OUT/tests"
+    LOGS=$(mktemp -d)
     t0=$(date +%s)
     limit=$(($(remaining) - 20))
     ((limit > TEST_TIMEOUT)) && limit=$TEST_TIMEOUT
     for f in $TEST_FILES; do
-        log=$OUT/tests/$(basename "$f" .py).log
+        log=$LOGS/$(basename "$f" .py).log
         (HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} NSA_AUTOTUNE=0 timeout -k 10 "$limit" \
             "$PY" -m pytest "$f" -q -p no:cacheprovider --durations=5 >"$log" 2>&1
             echo "rc=$?" >>"$log") &
     done
     wait
-    for log in "$OUT"/tests/*.log; do
+    for log in "$LOGS"/*.log; do
         rc=$(tail -n1 "$log" | sed 's/rc=//')
         case $rc in 0) status=ok ;; 124 | 137) status=TIMEOUT ;; *) status="FAILED rc=$rc" ;; esac
         printf '%-34s %-14s %s\n' "pytest $(basename "$log" .log)" "$status" \
             "$(grep -E '[0-9]+ (passed|failed|error)' "$log" | tail -1)" >>"$SUMMARY"
     done
     printf '%-34s %4ss\n' "pytest wall time" "$(($(date +%s) - t0))" >>"$SUMMARY"
-    cat "$OUT"/tests/*.log >"$OUT/tests.log"
+    cat "$LOGS"/*.log >"$OUT/tests.log"
 fi
 
 if want sanitize; then
@@ -120,6 +122,7 @@ fi
 if want bench; then
     reserve=30
     want decode && reserve=$((reserve + DECODE_TIMEOUT))
+    want bounds && reserve=$((reserve + BOUNDS_TIMEOUT))
     secs=$(($(remaining) - reserve - 60))
     ((secs > BENCH_MINUTES * 60)) && secs=$((BENCH_MINUTES * 60))
     if ((secs < 60)); then
@@ -138,11 +141,13 @@ if want decode; then
         "$PY" -m benchmarks.decode --quick --max-minutes $(((DECODE_TIMEOUT - 40) / 60 + 1)) --out "$RESULTS" ${DECODE_ARGS:-}
 fi
 
-for f in bench.json decode.json; do
-    [[ -f $RESULTS/$f ]] && cp "$RESULTS/$f" "$OUT/$f"
-done
-if compgen -G "$RESULTS/*.png" >/dev/null; then
-    tar -cf "$OUT/plots.tar" -C "$RESULTS" $(cd "$RESULTS" && ls -- *.png)
+if want bounds; then
+    # shellcheck disable=SC2086 # BOUNDS_ARGS is a list of flags
+    run_step "benchmarks.bounds" "$BOUNDS_TIMEOUT" "$OUT/bench.log" "$PY" -m benchmarks.bounds --out "$RESULTS" ${BOUNDS_ARGS:-}
+fi
+
+if compgen -G "$RESULTS/*" >/dev/null; then
+    tar -cf "$OUT/results.tar" -C "$RESULTS" $(cd "$RESULTS" && ls)
 fi
 printf 'total %ss of %ss budget; files: %s\n' "$(($(date +%s) - START))" "$BUDGET_S" "$(cd "$OUT" && ls | tr '\n' ' ')" >>"$SUMMARY"
 

@@ -201,3 +201,24 @@ def test_baseline_check_and_graph_timing_on_the_gpu() -> None:
     x = torch.randn(1 << 20, device=device)
     timing, method = time_graph([lambda: x.mul(2.0).sum()], device, budget_ms=10.0)
     assert method == "cuda_graph" and timing.median_ms > 0
+
+
+def test_bounds_gather_reads_the_selected_tokens() -> None:
+    """The gather kernel sums exactly the K/V tokens s <= t of each selected block, and its byte count agrees."""
+    from benchmarks import bounds
+
+    r = bounds.measure(45, "tiny", torch.device("cpu"))
+    k, v, idx, got = (r["inputs"][n] for n in ("k", "v", "block_idx", "gather_sum"))
+    ls = run.CONFIGS["tiny"].nsa.select_block
+    want = torch.zeros_like(got, dtype=torch.float64)
+    tokens = 0
+    for t in range(45):
+        for h in range(k.shape[2]):
+            for j in idx[0, t, h].tolist():
+                if j >= 0:
+                    s = slice(j * ls, min(j * ls + ls, t + 1))
+                    want[t, h] += (k[0, s, h].double() + v[0, s, h].double()).sum()
+                    tokens += s.stop - s.start
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert r["gather_bytes"] == tokens * 2 * k.shape[-1] * k.element_size()
+    assert set(bounds.floors(r, 100.0)) == {"compressed", "selection", "window", "selected", "core"}
