@@ -1,7 +1,8 @@
 """Native Sparse Attention in Triton: the same public API as ``reference`` (spec section 11), fast kernels.
 
 ``optimized`` may import ``reference`` (its config, argument checks and the pure-Python helpers); never
-the reverse.
+the reverse. Every public function traces whole with ``torch.compile(fullgraph=True)``, forward and backward,
+dense or packed (``cu_seqlens``); docs/kernels.md ("torch.compile") says how.
 """
 
 from reference.config import NSAConfig

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from reference._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
+from reference._checks import check_compressed_length, check_config, check_cu_seqlens, check_qkv, check_scale
 from reference.config import NSAConfig
-from reference.varlen import compressed_bounds as reference_compressed_bounds
 
 from ._common import check_kernel_device, check_kernel_dtype
 from ._interval import IntervalAttention, as_bounds, token_sequences
@@ -65,11 +64,20 @@ def compressed_attention(
     scale = check_scale(scale, DK)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
-        total = reference_compressed_bounds(cu_seqlens, config)[-1][1]
-        check_dim("k_cmp", k_cmp, 1, total, "TC, the sum over sequences of floor((T_i - l) / d) + 1")
-    else:
-        check_dim("k_cmp", k_cmp, 1, config.num_compressed(T), "TC = floor((T - l) / d) + 1, or 0 when T < l")
+    check_compressed_length(k_cmp, T, config, cu_seqlens)
     check_kernel_dtype("q", q)
     check_kernel_device("q", q)
-    bounds = compressed_interval_bounds(T, k_cmp.shape[1], config, cu_seqlens, q.device)
+    return compressed_core(q, k_cmp, v_cmp, config, scale, cu_seqlens)
+
+
+def compressed_core(
+    q: torch.Tensor,
+    k_cmp: torch.Tensor,
+    v_cmp: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compressed_attention` on checked arguments (``nsa_attention`` checks them once for every branch)."""
+    bounds = compressed_interval_bounds(q.shape[1], k_cmp.shape[1], config, cu_seqlens, q.device)
     return IntervalAttention.apply(q, k_cmp, v_cmp, bounds, scale, DKV_SPLIT_ROWS)

@@ -12,6 +12,13 @@ intra-block position embedding) and the ``linear`` map stay PyTorch matmuls in t
 overlapping blocks are laid out as ``[TC, l * D]`` (``unfold``, a strided view), $\varphi$ is a dense
 GEMM with a large reduction dimension, which cuBLAS already runs at tensor-core speed; a hand-written
 kernel would only re-implement it.
+
+With ``cu_seqlens`` the number of blocks, TC = the sum of each sequence's $\lfloor (T_i - l) / d \rfloor + 1$,
+depends on the values of ``cu_seqlens``. The block starts come from ``reference.varlen.compressed_block_starts``,
+a custom op whose fake implementation returns an unbacked size: under ``torch.compile(fullgraph=True)`` the
+output is ``[1, u0, H, D]`` (``u0`` known only when the graph runs) and the graph does not break.
+``check_qkv`` relates two such sizes (``torch._check``: ``mean_pool(k)`` and ``mean_pool(v)`` give ``u0`` and
+``u1``), so both can feed ``compressed_attention`` in the same graph.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import triton.language as tl
 
 from reference._checks import check_config, check_cu_seqlens, check_tensor
 from reference.config import NSAConfig
+from reference.varlen import compressed_block_starts
 
 from ._common import autotune_configs, check_kernel_device, check_kernel_dtype, next_power_of_2
 from ._interval import as_bounds, token_sequences
@@ -160,15 +168,16 @@ def compressed_offsets(cu: torch.Tensor, config: NSAConfig) -> torch.Tensor:
 
 
 def pool_geometry(
-    T: int, TC: int, config: NSAConfig, cu_seqlens: torch.Tensor | None, device: torch.device
+    T: int, config: NSAConfig, cu_seqlens: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
     """int32 (blk_start [TC], tok_lo [T], tok_hi [T]): each block's first token, the blocks covering each token."""
     l, d = config.compress_block, config.compress_stride
     cu, t, seq = token_sequences(T, cu_seqlens, device)
     c_cu = compressed_offsets(cu, config)
-    i = torch.arange(TC, device=device)
-    i_seq = torch.searchsorted(c_cu[1:], i, right=True)  # [TC] which sequence holds block i
-    blk_start = cu[i_seq] + (i - c_cu[i_seq]) * d
+    if cu_seqlens is None:
+        blk_start = torch.arange(config.num_compressed(T), device=device) * d
+    else:
+        blk_start = compressed_block_starts(cu_seqlens, config)  # TC data-dependent: a custom op
     u = t - cu[seq]  # position inside the sequence
     first = -torch.div(l - 1 - u, d, rounding_mode="floor")  # ceil((u - l + 1) / d): the first block covering u
     tok_lo = c_cu[seq] + torch.clamp(first, min=0)
@@ -190,8 +199,5 @@ def mean_pool(x: torch.Tensor, config: NSAConfig, *, cu_seqlens: torch.Tensor | 
     B, T = x.shape[:2]
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
-        TC = sum(config.num_compressed(b - a) for a, b in zip(cu_seqlens.tolist(), cu_seqlens.tolist()[1:]))
-    else:
-        TC = config.num_compressed(T)
-    geometry = pool_geometry(T, TC, config, cu_seqlens, x.device)
+    geometry = pool_geometry(T, config, cu_seqlens, x.device)
     return MeanPool.apply(x, geometry, config.compress_block, config.compress_stride)

@@ -8,6 +8,10 @@ gradient) and adds one fused combine kernel: the forward reads the three branch 
 and writes ``o``; the backward reads ``do``, the gates and the three outputs once and writes, in the same
 pass, ``dgates = rowsum(do * o_c)`` and the three branch gradients ``do_c = g_c do`` that the branch
 backwards consume.
+
+:func:`nsa_attention` checks its inputs once (``check_nsa_inputs``, ``cu_seqlens`` included) and calls the
+branches' unchecked cores (``compressed_core``, ``select_core``, ``window_core``), not the public functions,
+which would check ``cu_seqlens`` again (a host sync each in eager mode).
 """
 
 from __future__ import annotations
@@ -20,11 +24,11 @@ from reference._checks import check_config, check_nsa_inputs, check_scale
 from reference.config import NSAConfig
 from reference.nsa import NSAOutput
 
-from ._common import check_kernel_dtype, is_interpreting, next_power_of_2
-from .compressed import compressed_attention
+from ._common import check_kernel_device, check_kernel_dtype, is_interpreting, next_power_of_2
+from .compressed import compressed_core
 from .selected import SelectedAttention
-from .selection import select_blocks
-from .window import sliding_window_attention
+from .selection import select_core
+from .window import window_core
 
 
 @triton.jit
@@ -184,15 +188,16 @@ def nsa_attention(
     Returns o [B, T, HQ, DV] (or an ``NSAOutput`` with every branch when ``return_aux``).
     """
     config = check_config(config)
-    check_nsa_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens)
+    check_nsa_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config, cu_seqlens)  # cu_seqlens once
     check_kernel_dtype("q", q)
-    kw = {"scale": scale, "cu_seqlens": cu_seqlens}
-    o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, config, **kw)
-    block_idx = select_blocks(q.detach(), k_cmp.detach(), lse.detach(), config, **kw)  # Eq. 8-11, no gradient
+    check_kernel_device("q", q)
+    scale = check_scale(scale, q.shape[-1])
+    o_cmp, lse = compressed_core(q, k_cmp, v_cmp, config, scale, cu_seqlens)
+    block_idx = select_core(q, k_cmp, lse, config, scale, cu_seqlens)  # Eq. 8-11, no gradient
     o_slc = SelectedAttention.apply(  # Eq. 12; block_idx comes from select_blocks, no need to check it
-        q, k_slc, v_slc, block_idx, cu_seqlens, config.select_block, check_scale(scale, q.shape[-1])
+        q, k_slc, v_slc, block_idx, cu_seqlens, config.select_block, scale
     )
-    o_win = sliding_window_attention(q, k_win, v_win, config, **kw)
+    o_win = window_core(q, k_win, v_win, config, scale, cu_seqlens)
     o = combine_gates(gates, o_cmp, o_slc, o_win)  # Eq. 5
     if return_aux:
         return NSAOutput(o, o_cmp, o_slc, o_win, lse, block_idx)

@@ -32,8 +32,6 @@ a float32 buffer with one atomic add per element: a block with ``c`` chunks sees
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
@@ -55,6 +53,7 @@ from ._common import (
     is_interpreting,
     next_power_of_2,
 )
+from ._interval import token_sequences
 from ._sparse import sequence_lengths, sequence_tiles
 
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
@@ -565,11 +564,10 @@ def selected_attention(
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_kernel_dtype(name, x)
     scale = check_scale(scale, DK)
-    if cu_seqlens is None:
-        check_block_idx(block_idx, B, T, H, config, q.device)
-    else:
+    positions = None  # of each token inside its sequence
+    if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
-        bounds = cu_seqlens.tolist()
-        for t0, t1 in itertools.pairwise(bounds):
-            check_block_idx(block_idx[:, t0:t1], 1, t1 - t0, H, config, q.device)
+        cu, t, seq = token_sequences(T, cu_seqlens, q.device)
+        positions = t - cu[seq]
+    check_block_idx(block_idx, B, T, H, config, q.device, positions)
     return SelectedAttention.apply(q, k, v, block_idx, cu_seqlens, config.select_block, scale)

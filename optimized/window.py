@@ -51,6 +51,18 @@ def sliding_window_attention(
         check_cu_seqlens(cu_seqlens, B, T)
     check_kernel_dtype("q", q)
     check_kernel_device("q", q)
-    bounds = window_bounds(T, config.window, cu_seqlens, q.device)
+    return window_core(q, k, v, config, scale, cu_seqlens)
+
+
+def window_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`sliding_window_attention` on checked arguments (``nsa_attention`` checks them once)."""
+    bounds = window_bounds(q.shape[1], config.window, cu_seqlens, q.device)
     o, _ = IntervalAttention.apply(q, k, v, bounds, scale)
     return o

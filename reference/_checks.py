@@ -1,4 +1,9 @@
-"""Argument validation shared by every public function: clear errors that name the argument and the rule."""
+"""Argument validation shared by every public function: clear errors that name the argument and the rule.
+
+Checks of tensor *values* (``cu_seqlens``, ``block_idx``, the packed ``TC``) need the values on the host, which a
+``torch.compile`` graph cannot read. They raise the errors below in eager mode (one host sync each); while
+compiling they become device-side asserts in the graph (:func:`require`), checked when it runs, with no sync.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import itertools
 import torch
 
 from .config import NSAConfig
+from .varlen import compressed_bounds
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -55,6 +61,8 @@ def check_qkv(
     check_dim(k_name, k, 0, B, "batch")
     check_dim(v_name, v, 0, B, "batch")
     check_dim(k_name, k, 3, DK, "head dim DK, as q")
+    if torch.compiler.is_compiling():  # S may be an unbacked size (a packed mean_pool's TC): a runtime assert,
+        torch._check(v.shape[1] == k.shape[1], lambda: f"{v_name} must match {k_name} in S")  # and k, v share S
     if v.shape[1] != k.shape[1] or v.shape[2] != H:
         raise ValueError(f"{v_name} [B, S, H, DV] must match {k_name} in S and H: {tuple(v.shape)} vs {tuple(k.shape)}")
     if H == 0 or HQ % H != 0:
@@ -74,6 +82,11 @@ def check_cu_seqlens(cu_seqlens: object, batch: int, total: int) -> torch.Tensor
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if batch != 1:
         raise ValueError(f"with cu_seqlens the batch size must be 1 (packed sequences), got B={batch}")
+    if torch.compiler.is_compiling():  # no host values in a graph: device-side asserts
+        require(cu_seqlens[0] == 0, ValueError, "cu_seqlens must start at 0")
+        require(cu_seqlens[1:] > cu_seqlens[:-1], ValueError, "cu_seqlens must be strictly increasing")
+        require(cu_seqlens[-1] == total, ValueError, f"cu_seqlens must end at the packed length T={total}")
+        return cu_seqlens
     values = cu_seqlens.tolist()
     if values[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {values[0]}")
@@ -82,6 +95,37 @@ def check_cu_seqlens(cu_seqlens: object, batch: int, total: int) -> torch.Tensor
     if values[-1] != total:
         raise ValueError(f"cu_seqlens must end at the packed length T={total}, got {values[-1]}")
     return cu_seqlens
+
+
+def require(cond: torch.Tensor, exc: type[Exception], message: str) -> None:
+    """A check of tensor values: raise ``exc(message)`` unless every element of the bool tensor ``cond`` is true.
+
+    Eager: one host sync. While ``torch.compile`` traces (no host values in a graph): ``torch._assert_async``,
+    a device-side assert checked when the graph runs (a RuntimeError with ``message`` on the CPU, a
+    device-side assert on a GPU).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond.all(), message)
+    elif not bool(cond.all()):
+        raise exc(message)
+
+
+def check_compressed_length(k_cmp: torch.Tensor, T: int, config: NSAConfig, cu_seqlens: torch.Tensor | None) -> None:
+    """k_cmp.shape[1] must be TC = floor((T - l) / d) + 1 (0 when T < l), summed over the packed sequences.
+
+    Call after :func:`check_cu_seqlens`.
+    """
+    if cu_seqlens is None:
+        check_dim("k_cmp", k_cmp, 1, config.num_compressed(T), "TC = floor((T - l) / d) + 1, or 0 when T < l")
+        return
+    what = "TC, the sum over sequences of floor((T_i - l) / d) + 1"
+    if torch.compiler.is_compiling():
+        l, d = config.compress_block, config.compress_stride
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        total = torch.where(lengths >= l, torch.div(lengths - l, d, rounding_mode="floor") + 1, 0).sum()
+        require(total == k_cmp.shape[1], ValueError, f"k_cmp.shape[1] ({what}) must match cu_seqlens")
+        return
+    check_dim("k_cmp", k_cmp, 1, compressed_bounds(cu_seqlens, config)[-1][1], what)
 
 
 def check_scale(scale: object, head_dim: int) -> float:
@@ -101,6 +145,7 @@ def check_nsa_inputs(
     k_win: torch.Tensor,
     v_win: torch.Tensor,
     gates: torch.Tensor,
+    config: NSAConfig,
     cu_seqlens: torch.Tensor | None,
 ) -> None:
     """The core's inputs (spec section 11): every branch's K/V against q, the gates [B, T, HQ, 3], cu_seqlens."""
@@ -119,5 +164,7 @@ def check_nsa_inputs(
     if tuple(gates.shape) != (B, T, HQ, 3):
         raise ValueError(f"gates must have shape [B, T, HQ, 3] = {[B, T, HQ, 3]}, got {list(gates.shape)}")
     check_same("gates", gates, "q", q)
+    check_qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
+    check_compressed_length(k_cmp, T, config, cu_seqlens)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
+from ._checks import check_compressed_length, check_config, check_cu_seqlens, check_qkv, check_scale
 from .config import NSAConfig
 from .masks import compressed_visible
 from .softmax import accumulate_dtype, masked_softmax, query_chunk
-from .varlen import compressed_bounds, map_sequences
+from .varlen import map_sequences
 
 
 def compressed_attention(
@@ -48,8 +48,8 @@ def compressed_attention(
     scale = check_scale(scale, DK)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
-        total = compressed_bounds(cu_seqlens, config)[-1][1]
-        check_dim("k_cmp", k_cmp, 1, total, "TC, the sum over sequences of floor((T_i - l) / d) + 1")
+    check_compressed_length(k_cmp, T, config, cu_seqlens)
+    if cu_seqlens is not None:
         return map_sequences(  # type: ignore[return-value]
             lambda q_, k_, v_: _compressed_attention(q_, k_, v_, config, scale),
             cu_seqlens,
@@ -57,7 +57,6 @@ def compressed_attention(
             [q],
             [k_cmp, v_cmp],
         )
-    check_dim("k_cmp", k_cmp, 1, config.num_compressed(T), "TC = floor((T - l) / d) + 1, or 0 when T < l")
     return _compressed_attention(q, k_cmp, v_cmp, config, scale)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from ._checks import check_config, check_cu_seqlens, check_tensor
 from .config import NSAConfig
-from .varlen import token_bounds
+from .varlen import compressed_block_starts
 
 COMPRESSION_KINDS = ("mlp", "mean", "linear")
 
@@ -127,7 +127,8 @@ def compress(
     """Compressed keys or values (Eq. 7): x [B, T, H, D] -> [B, TC, H, D'] with TC = floor((T - l) / d) + 1.
 
     ``phi`` maps [..., l, D] to [..., D'] (a ``Compression`` module or any callable module). With
-    ``cu_seqlens`` (B = 1) every sequence is compressed on its own and the results are packed in order.
+    ``cu_seqlens`` (B = 1) every sequence is compressed on its own and the results are packed in order: the
+    blocks are gathered from their first tokens (``varlen.compressed_block_starts``, a data-dependent count).
     """
     config = check_config(config)
     check_tensor("x", x, 4, "[B, T, H, D]")
@@ -139,8 +140,9 @@ def compress(
     if cu_seqlens is None:
         return phi(compression_blocks(x, config))  # Eq. 7: [B, TC, H, D']
     check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
-    blocks = [compression_blocks(x[:, t0:t1], config) for t0, t1 in token_bounds(cu_seqlens)]
-    return phi(torch.cat(blocks, dim=1))  # [1, sum_i TC_i, H, D']
+    starts = compressed_block_starts(cu_seqlens, config)  # [TC], TC = sum_i TC_i
+    tokens = starts[:, None] + torch.arange(config.compress_block, device=x.device)  # [TC, l]
+    return phi(x[:, tokens].transpose(2, 3))  # x[:, tokens]: [1, TC, l, H, D] -> phi of [1, TC, H, l, D]
 
 
 def mean_pool(x: torch.Tensor, config: NSAConfig, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:

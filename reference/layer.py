@@ -24,7 +24,6 @@ step reading only the cache and giving the parallel forward's output at that pos
 from __future__ import annotations
 
 import functools
-import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -164,13 +163,14 @@ class NativeSparseAttention(nn.Module):
     def _core(self) -> Callable[..., Any]:
         if self.backend == "reference":
             return nsa_attention
-        try:
-            return importlib.import_module("optimized").nsa_attention
-        except (ImportError, AttributeError) as err:
+        try:  # an import statement, not importlib: torch.compile traces it (reference never imports optimized at load)
+            from optimized import nsa_attention as optimized_nsa_attention
+        except ImportError as err:
             raise RuntimeError(
                 "backend='triton' needs the optimized package's nsa_attention (import optimized failed or it "
                 f"lacks nsa_attention): {err}; use backend='reference'"
             ) from err
+        return optimized_nsa_attention
 
     def forward(
         self,

@@ -66,7 +66,7 @@ def nsa_attention(
     Returns o [B, T, HQ, DV] (or an ``NSAOutput`` with every branch when ``return_aux``).
     """
     config = check_config(config)
-    check_nsa_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, cu_seqlens)
+    check_nsa_inputs(q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, config, cu_seqlens)
     kw = {"scale": scale, "cu_seqlens": cu_seqlens}
     o_cmp, lse = compressed_attention(q, k_cmp, v_cmp, config, **kw)
     block_idx = select_blocks(q.detach(), k_cmp.detach(), lse.detach(), config, **kw)  # Eq. 8-11, no gradient

@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_cu_seqlens, check_tensor
-from .varlen import token_bounds
 
 
 def rope_positions(
@@ -36,7 +35,9 @@ def rope_positions(
         return torch.arange(offset, offset + seq_len, device=device)
     if offset != 0:
         raise ValueError("offset must be 0 with cu_seqlens (packed sequences start at position 0)")
-    return torch.cat([torch.arange(t1 - t0, device=device) for t0, t1 in token_bounds(cu_seqlens)])
+    t = torch.arange(seq_len, device=device)
+    starts = cu_seqlens.to(device=device, dtype=torch.int64)
+    return t - starts[torch.searchsorted(starts[1:], t, right=True)]  # t minus its sequence's first token
 
 
 def apply_rope(

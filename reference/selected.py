@@ -15,14 +15,25 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
+from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale, require
 from .config import NSAConfig
 from .softmax import accumulate_dtype, masked_softmax, query_chunk
 from .varlen import map_sequences
 
 
-def check_block_idx(block_idx: object, B: int, T: int, H: int, config: NSAConfig, device: torch.device) -> torch.Tensor:
-    """block_idx [B, T, H, S] integer, -1 or a block that starts at or before t, no duplicates per row."""
+def check_block_idx(
+    block_idx: object,
+    B: int,
+    T: int,
+    H: int,
+    config: NSAConfig,
+    device: torch.device,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """block_idx [B, T, H, S] integer, -1 or a block that starts at or before t, no duplicates per row.
+
+    ``positions`` [T]: each token's position t inside its own sequence (packed batches; default 0 .. T-1).
+    """
     if not isinstance(block_idx, torch.Tensor):
         raise TypeError(f"block_idx must be an integer torch.Tensor [B, T, H, S], got {type(block_idx).__name__}")
     if block_idx.dtype not in (torch.int32, torch.int64):
@@ -31,14 +42,16 @@ def check_block_idx(block_idx: object, B: int, T: int, H: int, config: NSAConfig
         raise ValueError(f"block_idx must have shape [B, T, H, S] = [{B}, {T}, {H}, S>0], got {tuple(block_idx.shape)}")
     if block_idx.device != device:
         raise ValueError(f"block_idx is on {block_idx.device} but q is on {device}; they must match")
-    if bool((block_idx < -1).any()):
-        raise ValueError("block_idx entries must be >= 0 or -1 (no block)")
-    t = torch.arange(T, device=device)[None, :, None, None]
-    if bool((block_idx * config.select_block > t).any()):
-        raise ValueError("block_idx is not causal: block j must start at or before t (j * select_block <= t)")
+    require(block_idx >= -1, ValueError, "block_idx entries must be >= 0 or -1 (no block)")
+    t = torch.arange(T, device=device) if positions is None else positions
+    require(
+        block_idx * config.select_block <= t[None, :, None, None],
+        ValueError,
+        "block_idx is not causal: block j must start at or before t (j * select_block <= t)",
+    )
     ordered = torch.sort(block_idx, dim=-1).values
-    if bool(((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()):
-        raise ValueError("block_idx has a block index repeated within one (b, t, h) row")
+    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
+    require(~repeated, ValueError, "block_idx has a block index repeated within one (b, t, h) row")
     return block_idx
 
 

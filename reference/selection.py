@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
+from ._checks import check_compressed_length, check_config, check_cu_seqlens, check_qkv, check_scale
 from .config import NSAConfig
 from .masks import compressed_visible, forced_blocks, select_candidates
 from .softmax import accumulate_dtype, query_chunk
-from .varlen import compressed_bounds, map_sequences
+from .varlen import map_sequences
 
 
 def overlap_weights(num_cmp: int, num_sel: int, config: NSAConfig, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -63,10 +63,7 @@ def _check_selection_inputs(
         raise ValueError(f"lse is on {lse.device} but q is on {q.device}; they must match")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
-        total = compressed_bounds(cu_seqlens, config)[-1][1]
-        check_dim("k_cmp", k_cmp, 1, total, "TC, the sum over sequences of floor((T_i - l) / d) + 1")
-    else:
-        check_dim("k_cmp", k_cmp, 1, config.num_compressed(T), "TC = floor((T - l) / d) + 1, or 0 when T < l")
+    check_compressed_length(k_cmp, T, config, cu_seqlens)
     return config, check_scale(scale, DK)
 
 

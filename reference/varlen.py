@@ -4,6 +4,11 @@ With ``cu_seqlens`` = ``[0, T_0, T_0 + T_1, ...]`` the batch is one row (``B = 1
 sequences back to back. Every sequence restarts its block numbering at its first token, so the
 reference simply runs the dense function on each sequence and concatenates: the clearest statement
 of what a packed kernel must compute.
+
+One count is data-dependent: a packed batch holds ``TC`` = the sum of each sequence's compressed blocks, known
+only from the values of ``cu_seqlens``. :func:`compressed_block_starts` is therefore a ``torch.library`` custom
+op: ``torch.compile`` does not trace into it and its fake implementation returns an unbacked ("dynamic") size,
+so a compiled layer or ``mean_pool`` keeps one graph.
 """
 
 from __future__ import annotations
@@ -36,6 +41,32 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, config: NSAConfig) -> torch.
     """The ``cu_seqlens`` of the packed compressed sequence (int32, same device)."""
     ends = [end for _, end in compressed_bounds(cu_seqlens, config)]
     return torch.tensor([0, *ends], dtype=torch.int32, device=cu_seqlens.device)
+
+
+@torch.library.custom_op("nsa::compressed_block_starts", mutates_args=())
+def _block_starts(cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
+    """The custom op behind :func:`compressed_block_starts` (host sync for TC: fine outside a graph)."""
+    l, d = compress_block, compress_stride
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    counts = torch.where(lengths >= l, torch.div(lengths - l, d, rounding_mode="floor") + 1, 0)  # TC of each
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), counts)  # [TC] block -> sequence
+    first = torch.cumsum(counts, 0) - counts  # [N] each sequence's first block
+    return cu[seq] + (torch.arange(len(seq), device=cu.device) - first[seq]) * d
+
+
+@_block_starts.register_fake
+def _(cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
+    return cu_seqlens.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+
+def compressed_block_starts(cu_seqlens: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """int64 [TC]: the first (packed) token of every compressed block, sequence after sequence.
+
+    Block i of the sequence at ``[t0, t1)`` starts at ``t0 + i d``. TC depends on the values of ``cu_seqlens``:
+    under ``torch.compile`` it is an unbacked size.
+    """
+    return _block_starts(cu_seqlens, config.compress_block, config.compress_stride)
 
 
 def map_sequences(
