@@ -38,16 +38,28 @@ def _expected(x, b, T, config):
     )
 
 
-def _run_decode(x, prompts, steps, config, dtype, max_len):
+def _expected_scores(x, b, T, config, lse):
+    """The reference's selection scores (Eq. 8-10, float64) [T, H, NS] of sequence b's first T tokens."""
+    q, k = x["q"][b : b + 1, :T], mean_pool(x["k_cmp"][b : b + 1, :T], config)
+    return reference.selection_scores(q, k, lse, config)[0]
+
+
+def _run_decode(x, prompts, steps, config, dtype, max_len, splits=(None, None)):
+    """Decode ``steps`` tokens after the prompts: per step o [B, HQ, DV], block_idx [B, H, n] and the
+    selection scores [B, H, NS_max] the select kernel left in the cache's workspace (Eq. 10)."""
     B, _, H, DK = x["k_slc"].shape
-    cache = DecodeCache(B, max_len, H, DK, x["v_slc"].shape[-1], config, dtype=dtype, device=DEVICE)
+    split_tiles, split_blocks = splits
+    cache = DecodeCache(
+        B, max_len, H, DK, x["v_slc"].shape[-1], config, dtype=dtype, device=DEVICE,
+        split_tiles=split_tiles, split_blocks=split_blocks,
+    )  # fmt: skip
 
     def dev(t):
         return t.to(DEVICE, dtype)
 
     names = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win")
     cache.prefill(*(dev(x[n]) for n in names), lengths=prompts)
-    outputs, indices = [], []
+    outputs, indices, scores = [], [], []
     pos = torch.tensor(prompts)
     for _ in range(steps):
         new = {n: dev(x[n][torch.arange(B), pos][:, None]) for n in (*names, "q", "gates")}  # [B, 1, ...]
@@ -55,8 +67,9 @@ def _run_decode(x, prompts, steps, config, dtype, max_len):
         o, idx = decode_attention(new["q"], new["gates"], cache, return_block_idx=True)
         outputs.append(o[:, 0].double().cpu())
         indices.append(idx.cpu())
+        scores.append(cache.workspace(x["q"].shape[2])["scores"].double().cpu())  # a copy
         pos += 1
-    return outputs, indices
+    return outputs, indices, scores
 
 
 @settings(max_examples=5)
@@ -72,21 +85,49 @@ def _run_decode(x, prompts, steps, config, dtype, max_len):
             reference.NSAConfig(4, 4, 8, 6, 2, 1, 40),
         ]
     ),
+    splits=st.sampled_from([(None, None), (1, 1), (1, 3)]),
     seed=st.integers(0, 2**16),
 )
-@example(prompts=[7, 8, 9], steps=3, G=2, dims=(16, 16), config=reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), seed=0)
-def test_decode_equals_parallel_forward(prompts, steps, G, dims, config, seed):
-    """Ragged batch: each step's output and selection equal the parallel forward's row at that position."""
+@example(
+    prompts=[7, 8, 9], steps=3, G=2, dims=(16, 16), config=reference.NSAConfig(8, 4, 16, 4, 1, 2, 24),
+    splits=(None, None), seed=0,
+)  # fmt: skip
+@example(  # 3 tiles of 256 tokens, one per split; a halo of l/d - 1 = 3 keys; the short sequence's last split is empty
+    prompts=[580, 200], steps=2, G=3, dims=(16, 16), config=reference.NSAConfig(16, 4, 16, 4, 1, 1, 24), splits=(1, 3),
+    seed=1,
+)  # fmt: skip
+def test_decode_equals_parallel_forward(prompts, steps, G, dims, config, splits, seed):
+    """Ragged batch: each step's output and selection equal the parallel forward's row at that position.
+
+    ``splits`` = (split_tiles, split_blocks): the cache's defaults, or forced small so that the compressed
+    pass (tiles of 16 selection blocks) and the sparse pass (selected blocks, window) run in several splits.
+    """
     H, (DK, DV), dtype = 2, dims, torch.float32
     lengths = [p + steps for p in prompts]
     x = _problem(lengths, H, G, DK, DV, dtype, seed)
-    outputs, indices = _run_decode(x, prompts, steps, config, dtype, max(lengths))
+    outputs, indices, scores = _run_decode(x, prompts, steps, config, dtype, max(lengths), splits)
     for b, (p, n) in enumerate(zip(prompts, lengths)):
         ref = _expected(x, b, n, config)
+        ref_scores = _expected_scores(x, b, n, config, ref.lse_cmp)  # [T, H, NS]
         for step in range(steps):
             t = p + step
             torch.testing.assert_close(outputs[step][b], ref.o[0, t], atol=2e-4, rtol=2e-4)
             assert torch.equal(indices[step][b].long(), ref.block_idx[0, t].long())
+            ns = t // config.select_block + 1  # the candidates; the rest of the row is scratch
+            torch.testing.assert_close(scores[step][b, :, :ns], ref_scores[t, :, :ns], atol=1e-6, rtol=1e-5)
+
+
+def test_split_sizes_fill_the_gpu():
+    """Default splits fill the GPU (132 SMs assumed off it) and are fixed per cache (no data-dependent grid)."""
+    config = reference.NSAConfig()  # 64k context: 1024 selection blocks, 64 tiles of 16
+    one = DecodeCache(1, 65536, 4, 128, config=config, device="meta")
+    assert (one.num_tiles, one.split_tiles, one.num_cmp_splits) == (64, 1, 64)  # 4 * 64 programs of 64 keys
+    assert (one.split_blocks, one.num_sparse_splits) == (1, 16 + 8)  # 4 * 24 programs
+    many = DecodeCache(32, 65536, 4, 128, config=config, device="meta")
+    assert (many.split_tiles, many.num_cmp_splits) == (22, 3)  # 128 * 3 programs of 1408 keys: one wave
+    assert (many.split_blocks, many.num_sparse_splits) == (8, 2 + 1)  # 128 * 3 programs
+    with pytest.raises(ValueError, match="split_tiles"):
+        DecodeCache(1, 64, 1, 16, config=config, device="meta", split_tiles=0)
 
 
 def test_cache_overflow_raises():
@@ -123,7 +164,7 @@ def test_decode_gpu_large(dtype):
     prompts, steps, H, G = [1500, 2100, 2600], 24, 2, 16
     lengths = [p + steps for p in prompts]
     x = _problem(lengths, H, G, 128, 128, dtype, seed=1)
-    outputs, indices = _run_decode(x, prompts, steps, config, dtype, max(lengths))
+    outputs, indices, _ = _run_decode(x, prompts, steps, config, dtype, max(lengths))
     agree, total = 0, 0
     for b, (p, n) in enumerate(zip(prompts, lengths)):
         ref = _expected(x, b, n, config)
