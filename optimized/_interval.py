@@ -815,7 +815,7 @@ def token_sequences(T: int, cu_seqlens: torch.Tensor | None, device: torch.devic
         cu = torch.tensor([0, T], device=device)
     else:
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    seq = torch.searchsorted(cu[1:], t, right=True)  # [T]
+    seq = torch.searchsorted(cu, t, right=True) - 1  # [T] (not cu[1:]: torch 2.11's inductor mis-lowers that)
     return cu, t, seq
 
 

@@ -38,7 +38,7 @@ def compressed_interval_bounds(
     visible = torch.clamp(torch.div(t - cu[seq] + 1 - l, d, rounding_mode="floor") + 1, min=0)  # n_t
     q_lo = c_cu[seq]
     i = torch.arange(TC, device=device)
-    i_seq = torch.searchsorted(c_cu[1:], i, right=True)  # [TC] which sequence holds block i
+    i_seq = torch.searchsorted(c_cu, i, right=True) - 1  # [TC] which sequence holds block i
     k_first = cu[i_seq] + (i - c_cu[i_seq]) * d + l - 1  # the block's last token: the first query that sees it
     return as_bounds(q_lo, q_lo + visible, k_first, cu[i_seq + 1])
 

@@ -17,8 +17,8 @@ With ``cu_seqlens`` the number of blocks, TC = the sum of each sequence's $\lflo
 depends on the values of ``cu_seqlens``. The block starts come from ``reference.varlen.compressed_block_starts``,
 a custom op whose fake implementation returns an unbacked size: under ``torch.compile(fullgraph=True)`` the
 output is ``[1, u0, H, D]`` (``u0`` known only when the graph runs) and the graph does not break.
-``check_qkv`` relates two such sizes (``torch._check``: ``mean_pool(k)`` and ``mean_pool(v)`` give ``u0`` and
-``u1``), so both can feed ``compressed_attention`` in the same graph.
+``mean_pool(k)`` and ``mean_pool(v)`` give two such sizes, ``u0`` and ``u1``; ``check_qkv`` compares them when
+the graph runs (a device-side assert, no guard), so both can feed ``compressed_attention`` in the same graph.
 """
 
 from __future__ import annotations
@@ -167,17 +167,16 @@ def compressed_offsets(cu: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     return torch.nn.functional.pad(torch.cumsum(blocks, 0), (1, 0))
 
 
-def pool_geometry(
-    T: int, config: NSAConfig, cu_seqlens: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, ...]:
+def pool_geometry(x: torch.Tensor, config: NSAConfig, cu_seqlens: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """int32 (blk_start [TC], tok_lo [T], tok_hi [T]): each block's first token, the blocks covering each token."""
     l, d = config.compress_block, config.compress_stride
+    T, device = x.shape[1], x.device
     cu, t, seq = token_sequences(T, cu_seqlens, device)
     c_cu = compressed_offsets(cu, config)
     if cu_seqlens is None:
         blk_start = torch.arange(config.num_compressed(T), device=device) * d
     else:
-        blk_start = compressed_block_starts(cu_seqlens, config)  # TC data-dependent: a custom op
+        blk_start = compressed_block_starts(x, cu_seqlens, config)  # TC data-dependent: a custom op
     u = t - cu[seq]  # position inside the sequence
     first = -torch.div(l - 1 - u, d, rounding_mode="floor")  # ceil((u - l + 1) / d): the first block covering u
     tok_lo = c_cu[seq] + torch.clamp(first, min=0)
@@ -199,5 +198,5 @@ def mean_pool(x: torch.Tensor, config: NSAConfig, *, cu_seqlens: torch.Tensor | 
     B, T = x.shape[:2]
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, T)
-    geometry = pool_geometry(T, config, cu_seqlens, x.device)
+    geometry = pool_geometry(x, config, cu_seqlens)
     return MeanPool.apply(x, geometry, config.compress_block, config.compress_stride)

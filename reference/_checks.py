@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .config import NSAConfig
 from .varlen import compressed_bounds
@@ -61,9 +62,12 @@ def check_qkv(
     check_dim(k_name, k, 0, B, "batch")
     check_dim(v_name, v, 0, B, "batch")
     check_dim(k_name, k, 3, DK, "head dim DK, as q")
-    if torch.compiler.is_compiling():  # S may be an unbacked size (a packed mean_pool's TC): a runtime assert,
-        torch._check(v.shape[1] == k.shape[1], lambda: f"{v_name} must match {k_name} in S")  # and k, v share S
-    if v.shape[1] != k.shape[1] or v.shape[2] != H:
+    s_differs = v.shape[1] != k.shape[1]
+    if torch.compiler.is_compiling() and not statically_known_true(v.shape[1] == k.shape[1]):
+        # S symbolic (a packed mean_pool's TC): a guard would break the graph, so an assert when the graph runs
+        require(torch.tensor(v.shape[1] - k.shape[1]) == 0, ValueError, f"{v_name} must match {k_name} in S")
+        s_differs = statically_known_true(s_differs)
+    if s_differs or v.shape[2] != H:
         raise ValueError(f"{v_name} [B, S, H, DV] must match {k_name} in S and H: {tuple(v.shape)} vs {tuple(k.shape)}")
     if H == 0 or HQ % H != 0:
         raise ValueError(f"query heads HQ={HQ} must be a multiple of kv heads H={H} (HQ % H == 0)")

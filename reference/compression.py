@@ -140,7 +140,7 @@ def compress(
     if cu_seqlens is None:
         return phi(compression_blocks(x, config))  # Eq. 7: [B, TC, H, D']
     check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
-    starts = compressed_block_starts(cu_seqlens, config)  # [TC], TC = sum_i TC_i
+    starts = compressed_block_starts(x, cu_seqlens, config)  # [TC], TC = sum_i TC_i
     tokens = starts[:, None] + torch.arange(config.compress_block, device=x.device)  # [TC, l]
     return phi(x[:, tokens].transpose(2, 3))  # x[:, tokens]: [1, TC, l, H, D] -> phi of [1, TC, H, l, D]
 

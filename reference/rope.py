@@ -37,7 +37,7 @@ def rope_positions(
         raise ValueError("offset must be 0 with cu_seqlens (packed sequences start at position 0)")
     t = torch.arange(seq_len, device=device)
     starts = cu_seqlens.to(device=device, dtype=torch.int64)
-    return t - starts[torch.searchsorted(starts[1:], t, right=True)]  # t minus its sequence's first token
+    return t - starts[torch.searchsorted(starts, t, right=True) - 1]  # t minus its sequence's first token
 
 
 def apply_rope(

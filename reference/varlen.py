@@ -44,7 +44,7 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, config: NSAConfig) -> torch.
 
 
 @torch.library.custom_op("nsa::compressed_block_starts", mutates_args=())
-def _block_starts(cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
+def _block_starts(x: torch.Tensor, cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
     """The custom op behind :func:`compressed_block_starts` (host sync for TC: fine outside a graph)."""
     l, d = compress_block, compress_stride
     cu = cu_seqlens.long()
@@ -56,17 +56,18 @@ def _block_starts(cu_seqlens: torch.Tensor, compress_block: int, compress_stride
 
 
 @_block_starts.register_fake
-def _(cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
+def _(x: torch.Tensor, cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
     return cu_seqlens.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
 
 
-def compressed_block_starts(cu_seqlens: torch.Tensor, config: NSAConfig) -> torch.Tensor:
-    """int64 [TC]: the first (packed) token of every compressed block, sequence after sequence.
+def compressed_block_starts(x: torch.Tensor, cu_seqlens: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+    """int64 [TC]: the first (packed) token of every compressed block of x [1, T, ...], sequence after sequence.
 
     Block i of the sequence at ``[t0, t1)`` starts at ``t0 + i d``. TC depends on the values of ``cu_seqlens``:
-    under ``torch.compile`` it is an unbacked size.
+    under ``torch.compile`` it is an unbacked size. The op reads nothing of ``x``; taking it keeps the compiler
+    from merging the calls for k and v (identical arguments), whose two sizes it would then mix up.
     """
-    return _block_starts(cu_seqlens, config.compress_block, config.compress_stride)
+    return _block_starts(x, cu_seqlens, config.compress_block, config.compress_stride)
 
 
 def map_sequences(

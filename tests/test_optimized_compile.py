@@ -103,6 +103,7 @@ def test_layer_compile_fullgraph_packed() -> None:
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a failed device-side assert ends the CUDA context")
 def test_compiled_checks_reject_bad_cu_seqlens() -> None:
     """Compiled, the value checks are device-side asserts: bad input still fails, when the graph runs."""
     torch._dynamo.reset()
