@@ -161,13 +161,7 @@ def attn_fwd_step(
     b_v = tl.load(p_v, mask=m_v, other=0.0)  # [BN, BV]
     b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
     b_s = tl.where(m_s, b_s, float("-inf"))
-    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BM]
-    b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with nothing seen yet
-    b_alpha = tl.exp2(b_m - b_m_safe)  # [BM]
-    b_p = tl.exp2(b_s - b_m_safe[:, None])  # [BM, BN], 0 where masked
-    b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-    return b_m_new, b_l, b_acc
+    return attn_fwd_update(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION)
 
 
 @triton.jit
