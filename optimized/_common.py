@@ -182,6 +182,15 @@ def attn_fwd_update(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def overlap_strides(o_i, o_j, L: tl.constexpr, D: tl.constexpr, LS: tl.constexpr):
+    """Eq. 9 (broadcasting, int32): the strides of compressed block ``o_i`` (tokens ``[i d, i d + l)``) that fall
+    in selection block ``o_j`` (tokens ``[j l', (j + 1) l')``); ``l`` and ``l'`` are multiples of ``d``."""
+    start = tl.maximum(o_i * D, o_j * LS)
+    end = tl.minimum(o_i * D + L, (o_j + 1) * LS)
+    return tl.maximum(end - start, 0) // D
+
+
+@triton.jit
 def attn_fwd_finish(b_m, b_l, b_acc):
     """Normalise: returns b_o [BM, BV] fp32 (0 for rows that saw no key) and b_lse [BM] (natural log, -inf there)."""
     m_seen = b_l > 0

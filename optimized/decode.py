@@ -77,6 +77,7 @@ from ._common import (
     check_kernel_dtype,
     dot_precision,
     next_power_of_2,
+    overlap_strides,
 )
 
 Compress = Callable[[torch.Tensor], torch.Tensor]  # phi: [..., l, D] -> [..., D], as reference/compression.py
@@ -92,14 +93,6 @@ LAUNCH: dict = {
     "sparse": {"num_warps": 4, "num_stages": 3},
     "combine": {"num_warps": 4, "num_stages": 1},
 }
-
-
-@triton.jit
-def overlap_strides(o_i, o_j, L: tl.constexpr, D: tl.constexpr, LS: tl.constexpr):
-    """[len(o_i), len(o_j)] fp32 (Eq. 9): strides of compressed block i (tokens [i d, i d + l)) in selection block j."""
-    lo = tl.maximum(o_i[:, None] * D, o_j[None, :] * LS)
-    hi = tl.minimum(o_i[:, None] * D + L, o_j[None, :] * LS + LS)
-    return tl.maximum(hi - lo, 0).to(tl.float32) / D
 
 
 @triton.jit
@@ -157,8 +150,8 @@ def decode_compressed_kernel(
 
     # Eq. 9, the same for every tile: key c of the tile (tokens [c d, c d + l) from the tile's first token,
     # halo keys c < 0) against the tile's selection block j (tokens [j l', (j + 1) l')).
-    b_w = overlap_strides(o_c, o_j, L, D, LS)  # [BC, BJ]
-    b_wh = overlap_strides(o_hc, o_j, L, D, LS)  # [BH, BJ], non-zero in column 0 only
+    b_w = overlap_strides(o_c[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BJ]
+    b_wh = overlap_strides(o_hc[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BH, BJ], column 0 only
 
     b_m = tl.full([BG], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BG], dtype=tl.float32)

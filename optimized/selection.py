@@ -43,19 +43,19 @@ import triton.language as tl
 from reference.config import NSAConfig
 from reference.selection import _check_selection_inputs
 
-from ._common import LOG2E, autotune_configs, check_kernel_dtype, dot_precision, is_interpreting, next_power_of_2
+from ._common import (
+    LOG2E,
+    autotune_configs,
+    check_kernel_dtype,
+    dot_precision,
+    is_interpreting,
+    next_power_of_2,
+    overlap_strides,
+)
 from ._sparse import sequence_lengths, sequence_tiles
 
 BIG = tl.constexpr(1 << 30)  # an index past every real block: marks empty list slots
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
-
-
-@triton.jit
-def _overlap(o_i, o_j, L: tl.constexpr, D: tl.constexpr, LS: tl.constexpr):
-    """Strides of compressed block ``o_i`` that fall into selection block ``o_j`` (broadcasting, int32)."""
-    start = tl.maximum(o_i * D, o_j * LS)
-    end = tl.minimum(o_i * D + L, (o_j + 1) * LS)
-    return tl.maximum(end - start, 0) // D
 
 
 @triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2)), key=["G", "BK", "N", "BS", "BC"])
@@ -144,12 +144,12 @@ def select_blocks_kernel(
             b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BM, BC]
             b_p = tl.where(m_vis, tl.math.exp2(b_s * qk_scale - b_lse[:, None] * _LOG2E), 0.0)  # (Eq. 8)
             b_p = tl.sum(tl.reshape(b_p, (BT, GP, BC)), axis=1)  # [BT, BC] summed over the group (Eq. 10)
-            b_w = _overlap(o_i[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BS] (Eq. 9)
+            b_w = overlap_strides(o_i[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BS] (Eq. 9)
             if BT >= 16:
                 b_acc = tl.dot(b_p, b_w, b_acc, input_precision="tf32x3")
             else:
                 b_acc += tl.sum(b_p[:, :, None] * b_w[None, :, :], axis=1)
-            b_next = _overlap(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] spill into the next chunk
+            b_next = overlap_strides(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] spill into the next chunk
             b_carry += tl.sum(b_p * b_next[None, :], axis=1)
 
         # ranks: forced blocks first, then scores; blocks after t are not candidates (spec 6)
