@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_CPU ?= torch==2.13.0
 GPU_PY ?= python3
 
-.PHONY: install demo test test-py test-notebooks test-docs test-gpu lint docs lab bench clean
+.PHONY: install demo test test-py test-notebooks test-docs test-gpu compile-check lint docs lab bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-docs: $(STAMP)
 # (one autotune config per kernel: hypothesis draws many shapes). scripts/gpu_check.sh adds compute-sanitizer.
 test-gpu:
 	HYPOTHESIS_PROFILE=gpu NSA_AUTOTUNE=0 $(GPU_PY) -m pytest tests/test_optimized_*.py tests/test_benchmarks.py
+
+# On the CPU: compile every kernel launch of the kernel tests for sm_90 with Triton's own compiler (no GPU needed).
+compile-check: $(STAMP)
+	$(PY) scripts/compile_check.py tests/test_optimized_*.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

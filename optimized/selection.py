@@ -209,7 +209,7 @@ def select_blocks_fwd(
     select_blocks_kernel[(tile_seq.numel(), H)](
         q2, k2, lse2, out, cu, cu_c, tile_seq, tile_start,
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), lse2.stride(0), out.stride(0), out.stride(1),
-        scale * LOG2E,
+        scale * LOG2E.value,  # a float: a constexpr here would compile one kernel per scale
         G=G, GP=GP, DK=DK, L=config.compress_block, D=config.compress_stride, LS=config.select_block,
         N=n, N_INIT=config.num_initial, N_LOCAL=config.num_local,
         BT=BT, BS=BS, BC=min(128, next_power_of_2(BS * R)), BK=next_power_of_2(DK), NP=next_power_of_2(n, 2),
