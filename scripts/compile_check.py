@@ -61,16 +61,18 @@ def _record(self: interpreter.InterpretedFunction, *args: object, **kwargs: obje
     jit = JITFunction(self.fn)
     values = dict(zip(jit.arg_names, args)) | {k: v for k, v in kwargs.items() if k in jit.arg_names}
     options = {k: v for k, v in kwargs.items() if k in OPTIONS and v is not None}
-    signature, constexprs = {}, {}
+    signature, constexprs, baked = {}, {}, []
     for param in jit.params:
         value = values.get(param.name, param.default)
         if param.is_constexpr or value is None or isinstance(value, triton.language.constexpr):
             # as the GPU launcher does: a constexpr passed to a plain parameter is compiled in (one kernel per value)
             signature[param.name], constexprs[param.name] = "constexpr", getattr(value, "value", value)
+            if not param.is_constexpr and value is not None:
+                baked.append(param.name)
         else:
             signature[param.name] = _type(value)
     launch = {"module": self.fn.__module__, "name": self.fn.__qualname__, "signature": signature,
-              "constexprs": constexprs, "options": options}  # fmt: skip
+              "constexprs": constexprs, "options": options, "baked": baked}  # fmt: skip
     launches.setdefault(json.dumps(launch, sort_keys=True), launch)
 
 
@@ -106,6 +108,8 @@ def compile_all(path: str) -> int:
             failures += 1
             status = f"FAILED: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
         print(f"  {r['name']:32s} {status}  [{consts}]")
+        if r["baked"]:
+            print(f"    note: {', '.join(r['baked'])} got a tl.constexpr for a plain parameter: one compile per value")
     print(f"{failures} failed")
     return 1 if failures else 0
 
