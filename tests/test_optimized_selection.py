@@ -23,6 +23,8 @@ MANY_BLOCKS = NSAConfig(4, 2, 4, 6, 1, 2)  # 20 selection blocks at T = 80: two 
 @example(problem(80, 1, 2, 16, 32, MANY_BLOCKS, torch.float32))  # scores carried across chunks of 16 blocks
 @example(problem(70, 2, 3, 48, 24, NSAConfig(), torch.float16))  # paper config: fewer candidates than n
 @example(problem(61, 1, 5, 24, 16, MANY_BLOCKS, torch.float32, seqlens=(9, 40, 12)))  # per-sequence numbering
+@example(problem(45, 1, 16, 16, 16, MANY_BLOCKS, torch.float32))  # G = 16: a tile is 2 positions x 16 heads
+@example(problem(21, 1, 33, 16, 16, CFG, torch.float32))  # G = 33 padded to 64 rows: one position per tile
 def test_selection_matches_reference(p: NSAProblem) -> None:
     check_against_reference("select_blocks", select_blocks, p, device=DEVICE)
 
