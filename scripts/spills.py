@@ -1,0 +1,130 @@
+"""Registers, spills and shared memory of every GPU autotune config of the main kernels, on the CPU (no GPU).
+
+Compiles each config for an H100 (sm_90) with Triton's compiler at the benchmark's shape (bf16, D = 128,
+G = 16, spec defaults) and asks ptxas (``-v``) what it allocated. A config that spills to local memory or
+sits at the 255-register cap is a lead for the next GPU profile, not a verdict: the timings decide.
+
+    .venv/bin/python scripts/spills.py                # every kernel in KERNELS
+    .venv/bin/python scripts/spills.py interval_fwd   # one
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"  # the real autotune configs, not the interpreter's
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from optimized import _interval, selected, selection
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+FP32 = ("lse", "delta", "scale", "qk_scale")
+BF16 = ("q", "k", "v", "o", "do", "dq", "dk", "dv", "k_cmp")
+DIMS = dict(H=4, G=16, DK=128, DV=128, BK=128, BV=128, DOT_PRECISION="tf32")
+SPARSE = dict(N=16, LS=64, BN=64, NP=16, U=32)
+KERNELS = {
+    "interval_fwd": (_interval.interval_fwd_kernel, DIMS, {}),
+    "interval_dq": (_interval.interval_bwd_dq_kernel, DIMS, {}),
+    "interval_dkv": (_interval.interval_bwd_dkv_kernel, {**DIMS, "ATOMIC": True}, {"dk": "*fp32", "dv": "*fp32"}),
+    "selected_fwd": (selected.selected_fwd_kernel, {**DIMS, **SPARSE, "BM": 64}, {}),
+    "selected_dq": (selected.selected_bwd_dq_kernel, {**DIMS, **SPARSE, "BM": 64}, {}),
+    "selection": (
+        selection.select_blocks_kernel,
+        dict(
+            G=16,
+            GP=16,
+            DK=128,
+            L=32,
+            D=16,
+            LS=64,
+            N=16,
+            N_INIT=1,
+            N_LOCAL=2,
+            BT=8,
+            BS=16,
+            BC=64,
+            BK=128,
+            NP=16,
+            DOT_PRECISION="tf32",
+        ),
+        {},
+    ),
+}
+
+
+def _signature(fn: JITFunction, constexprs: dict, overrides: dict[str, str]) -> dict[str, str]:
+    """Parameter types by name: activations bf16, lse/delta/scales fp32, strides and sizes i32, else int32 data."""
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr or p.name in constexprs:
+            sig[p.name] = "constexpr"
+        elif p.name in overrides:
+            sig[p.name] = overrides[p.name]
+        elif p.name in FP32:
+            sig[p.name] = "fp32" if "scale" in p.name else "*fp32"
+        elif p.name in BF16:
+            sig[p.name] = "*bf16"
+        elif p.name[0].isupper() or p.name.startswith("s_"):
+            sig[p.name] = "i32"
+        else:
+            sig[p.name] = "*i32"
+    return sig
+
+
+def report(name: str) -> None:
+    kernel, constexprs, overrides = KERNELS[name]
+    fn = kernel.fn
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    for cfg in kernel.configs:
+        const = {**constexprs, **cfg.kwargs}
+        sig = _signature(fn, const, overrides)
+        const = {k: v for k, v in const.items() if k in sig}
+        # as the GPU launcher specializes them at the benchmark's shapes: pointers 16-byte aligned, sizes and
+        # strides multiples of 16 (without these hints loads are not vectorized and the counts mislead)
+        attrs = {
+            (i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name] not in ("constexpr", "fp32")
+        }
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        label = (
+            f"{name:13s} {' '.join(f'{k}={v}' for k, v in cfg.kwargs.items()):14s} w={cfg.num_warps} s={cfg.num_stages}"
+        )
+        try:
+            compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=TARGET, options=options)
+        except Exception as e:  # report and go on
+            print(f"{label}  FAILED: {str(e).strip().splitlines()[-1][:150]}")
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        os.unlink(f.name)
+        regs = next(
+            (line.split("Used ")[1].split(" registers")[0] for line in out.stderr.splitlines() if "Used" in line), "?"
+        )
+        spill = next(
+            (
+                line.split(",")[1].split(" bytes")[0].strip()
+                for line in out.stderr.splitlines()
+                if "spill stores" in line
+            ),
+            "?",
+        )
+        print(f"{label}  regs {regs:>3s}  spill stores {spill:>5s} B  smem {compiled.metadata.shared // 1024:3d} KiB")
+
+
+def main(argv: list[str]) -> int:
+    for name in argv or list(KERNELS):
+        report(name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
