@@ -23,8 +23,10 @@ demo: $(STAMP)
 
 test: test-py test-notebooks test-docs
 
+# the kernels' launches are recorded and one per kernel and signature is compiled for sm_90 (no GPU needed)
 test-py: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest
+	NSA_RECORD_LAUNCHES=.cache/launches.json TRITON_INTERPRET=1 $(PY) -m pytest
+	$(PY) scripts/compile_check.py --compile .cache/launches.json --one-per-kernel
 
 test-notebooks: $(STAMP)
 	$(PY) -m jupytext --quiet --to ipynb notebooks/*.py

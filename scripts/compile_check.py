@@ -1,108 +1,72 @@
-"""Compile, for an H100 (sm_90), every Triton kernel that a CPU test run launches: no GPU needed.
+"""Compile, for an H100 (sm_90), the Triton kernel launches of a CPU test run: no GPU needed.
 
 GPU time is scarce and some errors only show when a kernel is compiled for a real target (a non-constexpr
-global, a dtype the interpreter accepts and the backend rejects, a shape `tl.dot` refuses). This runs the
-given tests under the interpreter, records each distinct kernel launch (the function, its tensors' dtypes,
-its scalars and its constexprs), then compiles each one with Triton's own compiler and ptxas for sm_90.
-The tile sizes are the interpreter's (small), so it cannot catch register or shared-memory limits of the
-GPU configs; it catches everything else a compile would. Prints one line per kernel and exits non-zero if
-any failed.
+global, a dtype the interpreter accepts and the backend rejects, a shape `tl.dot` refuses). The tests run
+under the interpreter while ``tests/launch_recorder.py`` records each distinct launch (the kernel, its
+tensors' dtypes, scalars, constexprs and options); this script then compiles each one with Triton's own
+compiler and ptxas for sm_90, in a fresh process without the interpreter. The tile sizes are the
+interpreter's (small), so it cannot catch register or shared-memory limits of the GPU configs
+(``scripts/spills.py`` looks at those); it catches everything else a compile would. Prints one line per
+launch and exits non-zero if any failed.
 
-    .venv/bin/python scripts/compile_check.py tests/test_optimized_selection.py tests/test_optimized_decode.py
+    python scripts/compile_check.py tests/test_optimized_selection.py   # run these tests, compile their launches
+    python scripts/compile_check.py --compile launches.json [--one-per-kernel]   # compile a recorded run
+
+``make test`` records its launches (``NSA_RECORD_LAUNCHES``) and compiles one per kernel and signature
+(``--one-per-kernel``: the same kernel with other constexpr values is skipped, which keeps it to a minute).
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-COMPILE = sys.argv[1:2] == ["--compile"]  # phase 2, in a fresh process without the interpreter
-os.environ["TRITON_INTERPRET"] = "0" if COMPILE else "1"
-os.environ.setdefault("HYPOTHESIS_PROFILE", "gpu-quick")
-
-import importlib  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
-OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
-DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-          torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-          torch.bool: "i1"}  # fmt: skip
-
-launches: dict[str, dict[str, Any]] = {}
+TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
-def _type(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + DTYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unsupported argument {value!r}")
-
-
-def _record(self: interpreter.InterpretedFunction, *args: object, **kwargs: object) -> None:
-    """Remember the launch of ``self.fn`` with these arguments: signature, constexprs, options."""
-    jit = JITFunction(self.fn)
-    values = dict(zip(jit.arg_names, args)) | {k: v for k, v in kwargs.items() if k in jit.arg_names}
-    options = {k: v for k, v in kwargs.items() if k in OPTIONS and v is not None}
-    signature, constexprs, baked = {}, {}, []
-    for param in jit.params:
-        value = values.get(param.name, param.default)
-        if param.is_constexpr or value is None or isinstance(value, triton.language.constexpr):
-            # as the GPU launcher does: a constexpr passed to a plain parameter is compiled in (one kernel per value)
-            signature[param.name], constexprs[param.name] = "constexpr", getattr(value, "value", value)
-            if not param.is_constexpr and value is not None:
-                baked.append(param.name)
-        else:
-            signature[param.name] = _type(value)
-    launch = {"module": self.fn.__module__, "name": self.fn.__qualname__, "signature": signature,
-              "constexprs": constexprs, "options": options, "baked": baked}  # fmt: skip
-    launches.setdefault(json.dumps(launch, sort_keys=True), launch)
-
-
-_run = interpreter.InterpretedFunction.run
-
-
-def _recording_run(self: interpreter.InterpretedFunction, *args: object, grid: object, warmup: bool, **kwargs: object):
-    _record(self, *args, **kwargs)
-    return _run(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-
-def _kernel(module: str, name: str) -> JITFunction:
+def _kernel(module: str, name: str) -> Any:
     """The JITFunction ``module.name`` (unwrapping an autotuner)."""
+    from triton.runtime.jit import JITFunction
+
     fn = getattr(importlib.import_module(module), name)
     while not isinstance(fn, JITFunction):
         fn = fn.fn
     return fn
 
 
-def compile_all(path: str) -> int:
-    """Phase 2: compile every recorded launch for sm_90; one line each."""
-    recorded = json.loads(open(path).read())
+def _kernel_key(launch: dict) -> tuple:
+    """A kernel and its runtime signature, with the constexprs that pick a code path (dtype-like strings)."""
+    paths = tuple(sorted((k, v) for k, v in launch["constexprs"].items() if isinstance(v, str | bool)))
+    return launch["name"], tuple(sorted(launch["signature"].items())), paths
+
+
+def compile_all(path: str, one_per_kernel: bool) -> int:
+    """Compile every recorded launch (or one per kernel key) for sm_90; one line each."""
+    os.environ["TRITON_INTERPRET"] = "0"  # before anything imports triton: real JITFunctions
+    sys.path.insert(0, str(TESTS.parent))
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    recorded = sorted(json.loads(Path(path).read_text()), key=lambda r: r["name"])
+    if one_per_kernel:
+        recorded = list({_kernel_key(r): r for r in recorded}.values())
     failures = 0
-    print(f"{len(recorded)} distinct kernel launches, compiled for {TARGET.backend} sm_{TARGET.arch}:")
-    for r in sorted(recorded, key=lambda r: r["name"]):
+    print(f"{len(recorded)} kernel launches, compiled for sm_{target.arch}:")
+    for r in recorded:
         consts = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items())
         t0 = time.perf_counter()
         try:
             src = ASTSource(_kernel(r["module"], r["name"]), r["signature"], r["constexprs"])
-            triton.compile(src, target=TARGET, options=r["options"])
+            triton.compile(src, target=target, options=r["options"])
             status = f"ok {time.perf_counter() - t0:5.1f}s"
         except Exception as e:  # report every failure, go on
             failures += 1
@@ -114,17 +78,25 @@ def compile_all(path: str) -> int:
     return 1 if failures else 0
 
 
-def main(argv: list[str]) -> int:
-    if COMPILE:
-        return compile_all(argv[1])
-    interpreter.InterpretedFunction.run = _recording_run
-    rc = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *argv])
+def record_tests(test_args: list[str]) -> int:
+    """Run the tests under the interpreter, recording launches, then compile them in a fresh process."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("HYPOTHESIS_PROFILE", "gpu-quick")
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        os.environ["NSA_RECORD_LAUNCHES"] = f.name
+    import pytest
+
+    rc = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", *test_args])
     if rc not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         print(f"the tests failed (exit {rc}); compiling what they launched anyway", file=sys.stderr)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(list(launches.values()), f)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     return subprocess.run([sys.executable, __file__, "--compile", f.name], env=env, check=False).returncode
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--compile"]:
+        return compile_all(argv[1], "--one-per-kernel" in argv[2:])
+    return record_tests(argv)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,18 @@ torch.set_num_threads(1)
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
+# NSA_RECORD_LAUNCHES=<file>: record every interpreted kernel launch for scripts/compile_check.py (make test)
+RECORD_LAUNCHES = os.environ.get("NSA_RECORD_LAUNCHES") if os.environ.get("TRITON_INTERPRET") == "1" else None
+if RECORD_LAUNCHES:
+    import launch_recorder
+
+    launch_recorder.install()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if RECORD_LAUNCHES:
+        launch_recorder.dump(RECORD_LAUNCHES)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu)")
