@@ -29,7 +29,7 @@ import triton.language as tl
 
 from reference._checks import check_config, check_cu_seqlens, check_tensor
 from reference.config import NSAConfig
-from reference.varlen import compressed_block_starts
+from reference.varlen import compressed_block_starts, compressed_counts
 
 from ._common import autotune_configs, check_kernel_device, check_kernel_dtype, next_power_of_2
 from ._interval import as_bounds, token_sequences
@@ -161,9 +161,7 @@ class MeanPool(torch.autograd.Function):
 
 def compressed_offsets(cu: torch.Tensor, config: NSAConfig) -> torch.Tensor:
     """int64 [N + 1]: where each sequence's compressed blocks start in the packed ``k_cmp`` (the TC prefix sums)."""
-    l, d = config.compress_block, config.compress_stride
-    lengths = cu[1:] - cu[:-1]  # [N]
-    blocks = torch.where(lengths >= l, torch.div(lengths - l, d, rounding_mode="floor") + 1, 0)  # T_C per sequence
+    blocks = compressed_counts(cu, config.compress_block, config.compress_stride)  # [N] T_C per sequence
     return torch.nn.functional.pad(torch.cumsum(blocks, 0), (1, 0))
 
 

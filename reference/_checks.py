@@ -13,7 +13,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .config import NSAConfig
-from .varlen import compressed_bounds
+from .varlen import compressed_bounds, compressed_counts
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -124,9 +124,7 @@ def check_compressed_length(k_cmp: torch.Tensor, T: int, config: NSAConfig, cu_s
         return
     what = "TC, the sum over sequences of floor((T_i - l) / d) + 1"
     if torch.compiler.is_compiling():
-        l, d = config.compress_block, config.compress_stride
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        total = torch.where(lengths >= l, torch.div(lengths - l, d, rounding_mode="floor") + 1, 0).sum()
+        total = compressed_counts(cu_seqlens, config.compress_block, config.compress_stride).sum()
         require(total == k_cmp.shape[1], ValueError, f"k_cmp.shape[1] ({what}) must match cu_seqlens")
         return
     check_dim("k_cmp", k_cmp, 1, compressed_bounds(cu_seqlens, config)[-1][1], what)

@@ -43,16 +43,23 @@ def compressed_cu_seqlens(cu_seqlens: torch.Tensor, config: NSAConfig) -> torch.
     return torch.tensor([0, *ends], dtype=torch.int32, device=cu_seqlens.device)
 
 
-@torch.library.custom_op("nsa::compressed_block_starts", mutates_args=())
-def _block_starts(x: torch.Tensor, cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
-    """The custom op behind :func:`compressed_block_starts` (host sync for TC: fine outside a graph)."""
+def compressed_counts(cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
+    """int64 [N]: each packed sequence's number of compressed blocks, floor((T_i - l) / d) + 1 (0 when T_i < l),
+    on the device (no host sync)."""
     l, d = compress_block, compress_stride
     cu = cu_seqlens.long()
     lengths = cu[1:] - cu[:-1]
-    counts = torch.where(lengths >= l, torch.div(lengths - l, d, rounding_mode="floor") + 1, 0)  # TC of each
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), counts)  # [TC] block -> sequence
+    return torch.where(lengths >= l, torch.div(lengths - l, d, rounding_mode="floor") + 1, 0)
+
+
+@torch.library.custom_op("nsa::compressed_block_starts", mutates_args=())
+def _block_starts(x: torch.Tensor, cu_seqlens: torch.Tensor, compress_block: int, compress_stride: int) -> torch.Tensor:
+    """The custom op behind :func:`compressed_block_starts` (host sync for TC: fine outside a graph)."""
+    cu = cu_seqlens.long()
+    counts = compressed_counts(cu, compress_block, compress_stride)  # [N] TC of each sequence
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=cu.device), counts)  # [TC] block -> sequence
     first = torch.cumsum(counts, 0) - counts  # [N] each sequence's first block
-    return cu[seq] + (torch.arange(len(seq), device=cu.device) - first[seq]) * d
+    return cu[seq] + (torch.arange(len(seq), device=cu.device) - first[seq]) * compress_stride
 
 
 @_block_starts.register_fake
