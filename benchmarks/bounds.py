@@ -82,7 +82,7 @@ def measure(seq_len: int, config_name: str, device: torch.device) -> dict[str, A
         gather_kernel[(seq_len, h)](k, v, block_idx, out, seq_len, H=h, N=nsa.num_selected, LS=nsa.select_block, D=d)
 
     gather_ms = time_calls([gather], device, budget_ms=500).median_ms
-    nbytes = selected_bytes(block_idx[0], seq_len, nsa.select_block, h * 2 * d * 2)
+    nbytes = selected_bytes(block_idx[0], seq_len, nsa.select_block, 2 * d * k.element_size())
     flops = branch_flops(seq_len, cfg.shape(), nsa)
     return {"config": config_name, "seq_len": seq_len, "gather_ms": gather_ms, "gather_bytes": nbytes,
             "gather_tbps": nbytes / gather_ms / 1e9, "flops": flops,

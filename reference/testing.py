@@ -393,6 +393,7 @@ def check_against_reference(
     problem: NSAProblem,
     *,
     device: torch.device | str = "cpu",
+    reference_device: torch.device | str | None = None,
     grads: bool = True,
     ratio: float = 2.0,
     floor: float | None = None,
@@ -402,17 +403,21 @@ def check_against_reference(
     The reference runs in float64 and in the problem's dtype on the same rounded inputs. Checks the output
     (``compressed_attention``: o and lse) and, with ``grads``, the gradients of q and of every k, v (and the
     gates) under a random output gradient. ``select_blocks`` gets the reference's lse and is checked with
-    ``assert_valid_selection``; ``selected_attention`` gets the float64 reference selection.
+    ``assert_valid_selection``; ``selected_attention`` gets the float64 reference selection. ``impl_fn``
+    runs on ``device``, the reference on ``reference_device`` (default: the same), e.g. on the CPU while
+    compute-sanitizer watches the GPU.
     """
     if fn_name not in FUNCTIONS:
         raise ValueError(f"fn_name must be one of {FUNCTIONS}, got {fn_name!r}")
     config = problem.config
     want_grad = grads and fn_name != "select_blocks"
-    x64 = problem.tensors(device, torch.float64, requires_grad=want_grad)
-    xdt = problem.tensors(device, requires_grad=want_grad)
+    ref_device = device if reference_device is None else reference_device
+    x64 = problem.tensors(ref_device, torch.float64, requires_grad=want_grad)
+    xdt = problem.tensors(ref_device, requires_grad=want_grad)
     ximpl = problem.tensors(device, requires_grad=want_grad)
     cu = x64.cu_seqlens
     kw = {} if cu is None else {"cu_seqlens": cu}
+    kw_impl = {} if cu is None else {"cu_seqlens": ximpl.cu_seqlens}
     with torch.no_grad():
         _, lse64 = compressed_attention(x64.q, x64.k_cmp, x64.v_cmp, config, **kw)
         _, lse_dt = compressed_attention(xdt.q, xdt.k_cmp, xdt.v_cmp, config, **kw)
@@ -421,7 +426,7 @@ def check_against_reference(
         scores_dt = selection_scores(xdt.q, xdt.k_cmp, lse_dt, config, **kw)
     score_tol = tolerance(scores64, scores_dt, problem.dtype, ratio=ratio, floor=floor)[0]
     if fn_name == "select_blocks":
-        actual = impl_fn(*_args(fn_name, ximpl, lse_dt.detach(), None), config, **kw)
+        actual = impl_fn(*_args(fn_name, ximpl, lse_dt.detach().to(device), None), config, **kw_impl)
         assert_valid_selection(actual, scores64, idx64, score_tol, config, cu, name=fn_name)
         return
 
@@ -435,11 +440,16 @@ def check_against_reference(
         gen = torch.Generator().manual_seed(problem.seed + 1)
         shape = (problem.batch, problem.seq_len, problem.q_heads, problem.head_dim_v)
         grad_out = torch.randn(shape, generator=gen, dtype=torch.float64)
-        grad_out = (grad_out if mask is None else grad_out * mask).to(problem.dtype).to(device)
+        grad_out = (grad_out if mask is None else grad_out * mask).to(problem.dtype)
 
     runs = []
-    for fn, x in ((_REFERENCE[fn_name], x64), (_REFERENCE[fn_name], xdt), (impl_fn, ximpl)):
-        runs.append(_run(fn, fn_name, _args(fn_name, x, None, idx64.to(device)), config, cu, grad_out))
+    for fn, x, dev in (
+        (_REFERENCE[fn_name], x64, ref_device),
+        (_REFERENCE[fn_name], xdt, ref_device),
+        (impl_fn, ximpl, device),
+    ):
+        g = None if grad_out is None else grad_out.to(dev)
+        runs.append(_run(fn, fn_name, _args(fn_name, x, None, idx64.to(dev)), config, x.cu_seqlens, g))
     (o64, g64), (odt, gdt), (oimpl, gimpl) = runs
     rule = {"dtype": problem.dtype, "ratio": ratio, "floor": floor}
     for what, actual, expected, same in zip(("output", "lse"), oimpl, o64, odt):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_problems import DEVICE
 
 import reference as ref
 from benchmarks import decode, flops, plot, run
@@ -207,7 +208,7 @@ def test_bounds_gather_reads_the_selected_tokens() -> None:
     """The gather kernel sums exactly the K/V tokens s <= t of each selected block, and its byte count agrees."""
     from benchmarks import bounds
 
-    r = bounds.measure(45, "tiny", torch.device("cpu"))
+    r = bounds.measure(45, "tiny", torch.device(DEVICE))
     k, v, idx, got = (r["inputs"][n] for n in ("k", "v", "block_idx", "gather_sum"))
     ls = run.CONFIGS["tiny"].nsa.select_block
     want = torch.zeros_like(got, dtype=torch.float64)

@@ -53,7 +53,13 @@ def _check(fn: Callable[..., tuple[torch.Tensor, ...]], args: tuple, backend: st
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=backend, fullgraph=True)
     for got, want in zip(_run(compiled, *args), _run(fn, *args), strict=True):
-        torch.testing.assert_close(got, want)
+        if got.dtype in (torch.float16, torch.bfloat16):
+            # inductor fuses the elementwise ops between kernels (the branch sum, the loss) in fp32 and rounds
+            # once where eager rounds after each op: one or two ulps of the largest value apart
+            eps = torch.finfo(got.dtype).eps
+            torch.testing.assert_close(got, want, rtol=2 * eps, atol=2 * eps * want.abs().max().item())
+        else:
+            torch.testing.assert_close(got, want)
 
 
 def _qkv(batch: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
