@@ -48,13 +48,13 @@ from ._common import (
     autotune_configs,
     check_kernel_dtype,
     dot_precision,
-    is_interpreting,
     next_power_of_2,
     overlap_strides,
 )
 from ._sparse import sequence_lengths, sequence_tiles
 
-BIG = tl.constexpr(1 << 30)  # an index past every real block: marks empty list slots
+BIG = tl.constexpr(1 << 30)  # an index past every real block: sorts empty slots last
+IDX = tl.constexpr((1 << 31) - 1)  # a key's low 32 bits hold IDX - j for block j
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 
 
@@ -126,8 +126,7 @@ def select_blocks_kernel(
     p_q = q + o_rt.to(tl.int64)[:, None] * s_qt + o_rq[:, None] * s_qh + o_k[None, :]
     b_q = tl.load(p_q, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
     b_lse = tl.load(lse + o_rt.to(tl.int64) * s_lt + o_rq, mask=m_r, other=0.0)  # [BM]
-    b_lv = tl.where(o_slot < N, float("-inf"), float("inf"))[None, :] + tl.zeros([BT, NP], tl.float32)  # [BT, NP]
-    b_li = (o_slot + BIG)[None, :] + tl.zeros([BT, NP], tl.int32)  # [BT, NP]
+    b_list = (-1 - o_slot).to(tl.int64)[None, :] + tl.zeros([BT, NP], tl.int64)  # [BT, NP] top NP, descending
     b_carry = tl.zeros([BT], tl.float32)
     for j0 in range(0, n_blk, BS):
         b_acc = tl.zeros([BT, BS], tl.float32)  # [BT, BS] group scores of blocks j0 ... j0 + BS - 1
@@ -152,36 +151,55 @@ def select_blocks_kernel(
             b_next = overlap_strides(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] spill into the next chunk
             b_carry += tl.sum(b_p * b_next[None, :], axis=1)
 
-        # ranks: forced blocks first, then scores; blocks after t are not candidates (spec 6)
+        # ranks as int64 keys, all distinct: the score's bits (non-negative floats order as integers; forced
+        # blocks +inf) above IDX - j, so that of equal scores the lower index ranks higher; a non-candidate
+        # (spec 6) gets -(NP + 1 + j), below every list entry
         b_cur = p_t // LS  # [BT]
         m_cand = (o_j[None, :] <= b_cur[:, None]) & m_t[:, None]  # [BT, BS]
         m_force = m_cand & ((o_j[None, :] < N_INIT) | (o_j[None, :] > b_cur[:, None] - N_LOCAL))
-        b_cv = tl.where(m_force, float("inf"), tl.where(m_cand, b_acc, float("-inf")))  # [BT, BS]
+        b_cv = tl.where(m_force, float("inf"), tl.maximum(b_acc, 0.0) + 0.0)  # + 0.0: no -0.0
+        b_key = (b_cv.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (-o_j + IDX).to(tl.int64)[None, :]
+        b_key = tl.where(m_cand, b_key, (-o_j - (NP + 1)).to(tl.int64)[None, :])  # [BT, BS]
 
-        # merge the chunk into the running top-n: chunk best replaces list worst while it is better
-        b_bv = tl.max(b_cv, axis=1)  # [BT]
-        b_bj = tl.min(tl.where(b_cv == b_bv[:, None], o_j[None, :], BIG), axis=1)
-        b_wv = tl.min(b_lv, axis=1)
-        b_wi = tl.max(tl.where(b_lv == b_wv[:, None], b_li, -1), axis=1)
-        m_up = b_bv > b_wv
-        n_up = tl.sum(m_up.to(tl.int32), axis=0)
-        while n_up > 0:
-            m_put = m_up[:, None] & (b_li == b_wi[:, None])  # [BT, NP]
-            b_lv = tl.where(m_put, b_bv[:, None], b_lv)
-            b_li = tl.where(m_put, b_bj[:, None], b_li)
-            b_cv = tl.where(m_up[:, None] & (o_j[None, :] == b_bj[:, None]), float("-inf"), b_cv)
-            b_bv = tl.max(b_cv, axis=1)
-            b_bj = tl.min(tl.where(b_cv == b_bv[:, None], o_j[None, :], BIG), axis=1)
-            b_wv = tl.min(b_lv, axis=1)
-            b_wi = tl.max(tl.where(b_lv == b_wv[:, None], b_li, -1), axis=1)
-            m_up = b_bv > b_wv
-            n_up = tl.sum(m_up.to(tl.int32), axis=0)
+        # merge into the top-NP list (Eq. 11) when some row's chunk beats its list's worst: a key's rank in
+        # the union is the count of greater keys (the list's own ranks are its slots); slot r takes rank r
+        m_better = tl.max(b_key, axis=1) > tl.min(b_list, axis=1)  # [BT]
+        if tl.max(m_better.to(tl.int32), axis=0) > 0:
+            r_key = tl.sum((b_key[:, None, :] > b_key[:, :, None]).to(tl.int32), axis=2)  # [BT, BS] in the chunk
+            r_key += tl.sum((b_list[:, None, :] > b_key[:, :, None]).to(tl.int32), axis=2)  # + in the list
+            r_list = o_slot[None, :] + tl.sum((b_key[:, None, :] > b_list[:, :, None]).to(tl.int32), axis=2)
+            m_key = r_key[:, None, :] == o_slot[None, :, None]  # [BT, NP, BS]
+            m_list = r_list[:, None, :] == o_slot[None, :, None]  # [BT, NP, NP]
+            b_list = tl.sum(tl.where(m_key, b_key[:, None, :], 0), axis=2) + tl.sum(
+                tl.where(m_list, b_list[:, None, :], 0), axis=2
+            )  # [BT, NP] descending
 
-    # ascending order: every listed index is unique, so its rank is the count of smaller ones
-    b_rank = tl.sum((b_li[:, None, :] < b_li[:, :, None]).to(tl.int32), axis=2)  # [BT, NP]
-    b_out = tl.where(b_li < BIG, b_li, -1)
+    # the top N are the list's first N slots, the empty ones (negative keys) last: a block goes to its rank
+    # among them (the count of smaller ones), so they are stored ascending, with -1 in the empty slots
+    m_top = (o_slot < N)[None, :] & (b_list >= 0)  # [BT, NP]
+    b_idx = tl.where(m_top, -(b_list & 0xFFFFFFFF) + IDX, BIG)
+    b_rank = tl.sum((b_idx[:, None, :] < b_idx[:, :, None]).to(tl.int32), axis=2)  # [BT, NP]
+    b_rank = tl.where(m_top, b_rank, o_slot[None, :])
     p_o = out + o_t.to(tl.int64)[:, None] * s_ot + i_h * s_oh + b_rank
-    tl.store(p_o, b_out, mask=m_t[:, None] & (b_rank < N))
+    tl.store(p_o, tl.where(m_top, b_idx, -1).to(tl.int32), mask=m_t[:, None] & (o_slot < N)[None, :])
+
+
+def select_tiles(G: int, DK: int, n: int, R: int, bs: int | None = None) -> dict[str, int]:
+    """The launch's tile sizes for group size ``G``, head dim ``DK``, ``n`` selected blocks, ``R = l' / d``.
+
+    ``BT`` positions of ``GP`` rows: up to 128 rows (64 for DK > 128: the ``q`` tile stays in registers) and
+    at most 4096 elements in the merge's ``[BT, NP, max(NP, BS)]`` comparisons, but at least 16 rows for
+    ``tl.dot``; chunks of ``BS`` selection blocks (``bs``, default ``NP``); compressed tiles of ``BC`` (at most
+    8192 elements in the ``[BT, BC, BS]`` product of the broadcast map, used for ``BT < 16``).
+    """
+    GP, NP = triton.next_power_of_2(G), next_power_of_2(n, 2)
+    BS = bs or NP
+    rows = 128 if DK <= 128 else 64
+    BT = max(1, 16 // GP, min(rows // GP, 4096 // (NP * max(NP, BS))))
+    BC = min(128, next_power_of_2(BS * R))
+    if BT < 16:
+        BC = min(BC, max(16, 8192 // (BT * BS)))
+    return {"GP": GP, "BT": BT, "BS": BS, "BC": BC, "BK": next_power_of_2(DK), "NP": NP}
 
 
 def select_blocks_fwd(
@@ -191,29 +209,29 @@ def select_blocks_fwd(
     config: NSAConfig,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    bs: int | None = None,
 ) -> torch.Tensor:
-    """Launch the fused selection. q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] -> [B, T, H, n] int32."""
+    """Launch the fused selection. q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] -> [B, T, H, n] int32.
+
+    ``bs``: the chunk of selection blocks per merge (default: :func:`select_tiles`'s).
+    """
     B, T, HQ, DK = q.shape
     H, n = k_cmp.shape[2], config.num_selected
     G = HQ // H
-    GP = triton.next_power_of_2(G)
-    rows = 32 if is_interpreting() else (128 if DK <= 128 else 64)  # the q tile [rows, BK] stays in registers
-    BT = max(1, rows // GP)  # positions per tile: BT * GP >= 16 rows for tl.dot
-    cu, cu_c, tile_seq, tile_start = sequence_tiles(sequence_lengths(B, T, cu_seqlens), config, BT, 1, q.device)
+    tiles = select_tiles(G, DK, n, config.select_block // config.compress_stride, bs)
+    cu, cu_c, tile_seq, tile_start = sequence_tiles(
+        sequence_lengths(B, T, cu_seqlens), config, tiles["BT"], 1, q.device
+    )
     q2 = q.contiguous().view(B * T, HQ, DK)
     k2 = k_cmp.contiguous().view(k_cmp.shape[0] * k_cmp.shape[1], H, DK)
     lse2 = lse.float().contiguous().view(B * T, HQ)
     out = torch.empty(B * T, H, n, dtype=torch.int32, device=q.device)
-    R = config.select_block // config.compress_stride
-    BS = 16
     select_blocks_kernel[(tile_seq.numel(), H)](
         q2, k2, lse2, out, cu, cu_c, tile_seq, tile_start,
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), lse2.stride(0), out.stride(0), out.stride(1),
         scale * LOG2E.value,  # a float: a constexpr here would compile one kernel per scale
-        G=G, GP=GP, DK=DK, L=config.compress_block, D=config.compress_stride, LS=config.select_block,
-        N=n, N_INIT=config.num_initial, N_LOCAL=config.num_local,
-        BT=BT, BS=BS, BC=min(128, next_power_of_2(BS * R)), BK=next_power_of_2(DK), NP=next_power_of_2(n, 2),
-        DOT_PRECISION=dot_precision(q.dtype),
+        G=G, DK=DK, L=config.compress_block, D=config.compress_stride, LS=config.select_block,
+        N=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, DOT_PRECISION=dot_precision(q.dtype), **tiles,
     )  # fmt: skip
     return out.view(B, T, H, n)
 

@@ -36,27 +36,15 @@ KERNELS = {
     "interval_dkv": (_interval.interval_bwd_dkv_kernel, {**DIMS, "ATOMIC": True}, {"dk": "*fp32", "dv": "*fp32"}),
     "selected_fwd": (selected.selected_fwd_kernel, {**DIMS, **SPARSE, "BM": 64}, {}),
     "selected_dq": (selected.selected_bwd_dq_kernel, {**DIMS, **SPARSE, "BM": 64}, {}),
-    "selection": (
-        selection.select_blocks_kernel,
-        dict(
-            G=16,
-            GP=16,
-            DK=128,
-            L=32,
-            D=16,
-            LS=64,
-            N=16,
-            N_INIT=1,
-            N_LOCAL=2,
-            BT=8,
-            BS=16,
-            BC=64,
-            BK=128,
-            NP=16,
-            DOT_PRECISION="tf32",
-        ),
-        {},
-    ),
+    **{
+        f"selection_g{g}": (
+            selection.select_blocks_kernel,
+            dict(G=g, DK=128, L=32, D=16, LS=64, N=16, N_INIT=1, N_LOCAL=2, DOT_PRECISION="tf32")
+            | selection.select_tiles(g, 128, 16, 4),
+            {},
+        )
+        for g in (16, 4, 1)
+    },
 }
 
 
