@@ -1,9 +1,9 @@
 r"""Fused block selection (paper Eq. 8-12, spec sections 5-6): scores, overlap mapping, GQA sum and top-n in one kernel.
 
 Design. One program owns ``BT`` query positions of one sequence and one kv head, as a tile of
-``BT * GP`` rows (position, query head) with the group padded to a power of two ``GP`` (128 rows for
-``DK <= 128``, else 64): the group's ``q`` tile is loaded once and stays in registers. The program walks the
-selection blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compressed blocks, taken in tiles of ``BC``):
+``BT * GP`` rows (position, query head) with the group padded to a power of two ``GP`` (up to 128 rows; tile
+sizes from :func:`select_tiles`): the group's ``q`` tile is loaded once and stays in registers. The program
+walks the selection blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compressed blocks, in tiles of ``BC``):
 
 1. for each compressed tile, ``s = q k~^T`` ``[BT * GP, BC]`` in one matmul and the probability
    ``p = exp2(s * scale * log2 e - lse * log2 e)`` rebuilt from the compressed branch's saved
@@ -13,25 +13,28 @@ selection blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compressed blocks
    ``W[i, j] = |[i d, i d + l) ∩ [j l', (j+1) l')| / d`` ``[BC, BS]`` (small integers, so exact in tf32;
    ``tf32x3`` keeps the probabilities at fp32 accuracy); the part of the chunk's last compressed blocks
    that spills into the next chunk's first selection block is carried in a ``[BT]`` vector;
-3. the chunk's ``[BT, BS]`` ranks (forced blocks ``+inf``, non-candidates ``-inf``) are merged into a running
-   top-n list ``[BT, NP]`` held in registers: repeatedly swap the chunk's best (highest score, lowest index)
-   for the list's worst (lowest score, highest index) while any row improves. Chunks arrive in ascending
-   block order, so an equal score never displaces a listed block: ties go to the lower index, as in the spec.
+3. each block of the chunk gets an int64 key, all distinct: the score's float bits (non-negative floats
+   order as integers; forced blocks ``+inf``) in the high word, ``2^31 - 1 - j`` in the low word, so that of
+   equal scores the lower index wins, as in the spec; non-candidates get negative keys. The chunk is merged
+   into a running top-``NP`` list ``[BT, NP]`` (descending) held in registers, by ranks: a key's rank in the
+   union is the count of greater keys (``[BT, BS, BS]`` and ``[BT, BS, NP]`` comparisons; a listed key's
+   rank is its slot plus the chunk keys above it), and slot ``r`` takes the key of rank ``r``. The merge is
+   skipped when no row of the tile has a chunk key above its list's worst.
 
-At the end the list is sorted ascending by index (rank by pairwise comparison) and stored with ``-1``
+At the end the first ``n`` slots are stored in ascending block order (rank by pairwise comparison) with ``-1``
 padding. Memory is ``O(T n)``: no ``[T, TC]`` or ``[T, NS]`` tensor is ever written, and the registers
 hold ``[BT, BS]`` scores and ``[BT, NP]`` list entries whatever the sequence length, so there is no
-limit on ``NS`` (128k tokens are 2048 blocks at ``l' = 64``: 128 chunks). ``DK <= 256`` (one ``q`` tile).
+limit on ``NS`` (128k tokens are 2048 blocks at ``l' = 64``). ``DK <= 256`` (one ``q`` tile).
 
 Costs: the ``q k~^T`` products equal one compressed-attention forward's first matmul (this is the second
-pass, which needs the final log-sum-exp). Per compressed tile a program reads one ``[BK, BC]`` key tile;
-``q`` is read once. (The first version looped over the group's heads inside the tile loop and re-read a
-``[64, BK]`` ``q`` tile per head and tile: 16 times the key bytes at G = 16.) The map adds
+pass, which needs the final log-sum-exp), and one ``exp2`` per (row, visible compressed block). Per
+compressed tile a program reads one ``[BK, BC]`` key tile; ``q`` is read once. The map adds
 ``BT * BC * BS`` multiply-adds per tile, once per group: a tf32x3 matmul when ``BT >= 16``, else a
-broadcast sum in fp32. The merge stops as soon as no row improves: at most ``min(n, BS) + 1`` rounds of
-four ``[BT, BS]``/``[BT, NP]`` reductions per chunk (a row never inserts more than that, since what it
-inserted from a chunk beats everything left in it), and one round once the list is better than the chunk,
-which is the common case late in a long sequence.
+broadcast sum in fp32. The merge costs ``BT * BS * (BS + 3 NP) + BT * NP^2`` int64 comparisons per chunk;
+:func:`select_tiles` keeps each comparison tile at 4096 elements or fewer so that nothing spills at G = 16
+and 4 (``ptxas -v``: ``scripts/spills.py``; G = 1 spills about 500 bytes). Measured (H100 / H200 at 64k,
+``docs/performance.md``): the merge is not what dominates; replacing an earlier swap-one-per-round merge
+by this one changed the 64k time by a few percent, within the difference between the two cards.
 """
 
 from __future__ import annotations
