@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import hashlib
 import importlib
 import json
 import math
@@ -457,9 +458,18 @@ def records_for(
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Card, driver, CUDA, torch, triton, Python and git versions, and a UTC timestamp."""
+    """Card, driver, CUDA, torch, triton, Python and git versions, the kernels' source hash, a UTC timestamp.
+
+    ``source_sha1`` hashes ``optimized/*.py`` and ``reference/*.py``: it names the code that ran even where
+    the working tree differs from ``git_commit`` (the GPU machine gets a copy of an uncommitted tree).
+    """
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha1()
+    for path in sorted([*root.glob("optimized/*.py"), *root.glob("reference/*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
     env: dict[str, Any] = {
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_sha1": digest.hexdigest()[:12],
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),

@@ -116,6 +116,7 @@ def select_blocks_kernel(
     o_rt, o_rg = t0 + o_r // GP, o_r % GP
     m_r = (o_rt < eos) & (o_rg < G)
     p_rt = o_rt - bos  # [BM]
+    n_vis_r = tl.where(m_r & (p_rt + 1 >= L), (p_rt + 1 - L) // D + 1, 0)  # [BM] compressed blocks each row sees
     t_last = tl.minimum(t0 + BT, eos) - 1 - bos
     n_vis = tl.where(t_last + 1 >= L, (t_last + 1 - L) // D + 1, 0)  # compressed blocks the last row sees
     n_blk = t_last // LS + 1  # candidate blocks of the last row
@@ -130,28 +131,38 @@ def select_blocks_kernel(
     b_q = tl.load(p_q, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
     b_lse = tl.load(lse + o_rt.to(tl.int64) * s_lt + o_rq, mask=m_r, other=0.0)  # [BM]
     b_list = (-1 - o_slot).to(tl.int64)[None, :] + tl.zeros([BT, NP], tl.int64)  # [BT, NP] top NP, descending
+    b_lse2 = b_lse * _LOG2E  # [BM]
     b_carry = tl.zeros([BT], tl.float32)
+    # the overlap weights (Eq. 9) repeat from chunk to chunk (i + R and j + 1 overlap as i and j do): with one
+    # compressed tile per chunk they are computed once, for the chunk's blocks and for the next chunk's first
+    ONE_TILE: tl.constexpr = BC >= BS * R
+    b_w0 = overlap_strides(o_c[:, None], o_s[None, :], L, D, LS).to(tl.float32)  # [BC, BS]
+    b_next0 = overlap_strides(o_c, BS, L, D, LS).to(tl.float32)  # [BC]
     for j0 in range(0, n_blk, BS):
         b_acc = tl.zeros([BT, BS], tl.float32)  # [BT, BS] group scores of blocks j0 ... j0 + BS - 1
         b_acc += tl.where(o_s == 0, 1.0, 0.0)[None, :] * b_carry[:, None]
         b_carry = tl.zeros([BT], tl.float32)
         o_j = j0 + o_s
         c_end = tl.minimum((j0 + BS) * R, n_vis)
+        n_lim = tl.minimum(n_vis_r, c_end)  # [BM]
         for c0 in range(j0 * R, c_end, BC):
             o_i = c0 + o_c  # [BC] compressed blocks inside the sequence
             m_i = o_i < c_end
             p_k = k_cmp + (cbos + o_i).to(tl.int64)[None, :] * s_kt + i_h * s_kh + o_k[:, None]
             b_kt = tl.load(p_k, mask=m_k[:, None] & m_i[None, :], other=0.0)  # [BK, BC]
-            m_vis = (o_i[None, :] * D + L - 1 <= p_rt[:, None]) & m_i[None, :] & m_r[:, None]  # [BM, BC]
+            m_vis = o_i[None, :] < n_lim[:, None]  # [BM, BC]: block i ends at or before the row (Eq. 8)
             b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BM, BC]
-            b_p = tl.where(m_vis, tl.math.exp2(b_s * qk_scale - b_lse[:, None] * _LOG2E), 0.0)  # (Eq. 8)
+            b_p = tl.where(m_vis, tl.math.exp2(b_s * qk_scale - b_lse2[:, None]), 0.0)  # (Eq. 8)
             b_p = tl.sum(tl.reshape(b_p, (BT, GP, BC)), axis=1)  # [BT, BC] summed over the group (Eq. 10)
-            b_w = overlap_strides(o_i[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BS] (Eq. 9)
+            if ONE_TILE:
+                b_w, b_next = b_w0, b_next0
+            else:
+                b_w = overlap_strides(o_i[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BS] (Eq. 9)
+                b_next = overlap_strides(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] into the next chunk
             if BT >= 16:
                 b_acc = tl.dot(b_p, b_w, b_acc, input_precision="tf32x3")
             else:
                 b_acc += tl.sum(b_p[:, :, None] * b_w[None, :, :], axis=1)
-            b_next = overlap_strides(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] spill into the next chunk
             b_carry += tl.sum(b_p * b_next[None, :], axis=1)
 
         # ranks as int64 keys, all distinct: the score's bits (non-negative floats order as integers; forced

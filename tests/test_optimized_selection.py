@@ -14,13 +14,14 @@ from reference.config import NSAConfig
 from reference.testing import NSAProblem, check_against_reference
 
 CFG = NSAConfig(8, 4, 8, 3, 1, 1, window=16)
-MANY_BLOCKS = NSAConfig(4, 2, 4, 6, 1, 2)  # 20 selection blocks at T = 80: two chunks, a spill between them
+MANY_BLOCKS = NSAConfig(4, 2, 4, 6, 1, 2)  # 20 selection blocks at T = 80: three chunks of 8, spills between them
 
 
 @settings(max_examples=12)
 @given(sparse_problems(max_seq_len=96))
 @example(problem(1, 1, 1, 16, 24, CFG, torch.float32))  # T = 1 < l: no compressed block, only forced blocks
-@example(problem(80, 1, 2, 16, 32, MANY_BLOCKS, torch.float32))  # scores carried across chunks of 16 blocks
+@example(problem(80, 1, 2, 16, 32, MANY_BLOCKS, torch.float32))  # scores carried across chunks of 8 blocks
+@example(problem(300, 1, 1, 16, 16, NSAConfig(2, 1, 16, 16, 1, 1), torch.float32))  # l'/d = 16: 2 tiles a chunk
 @example(problem(70, 2, 3, 48, 24, NSAConfig(), torch.float16))  # paper config: fewer candidates than n
 @example(problem(61, 1, 5, 24, 16, MANY_BLOCKS, torch.float32, seqlens=(9, 40, 12)))  # per-sequence numbering
 @example(problem(45, 1, 16, 16, 16, MANY_BLOCKS, torch.float32))  # G = 16: a tile is 2 positions x 16 heads
