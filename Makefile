@@ -56,7 +56,9 @@ lab: $(STAMP)
 	$(PY) -m jupyter lab notebooks/
 
 bench:
-	$(GPU_PY) -m benchmarks.run
+	$(GPU_PY) -m benchmarks.run --configs default meanpool64 g4 g1 paper_dims --max-minutes 30
+	$(GPU_PY) -m benchmarks.decode
+	$(GPU_PY) -m benchmarks.bounds
 
 clean:
 	rm -rf $(VENV) site out .cache .pytest_cache .hypothesis

@@ -4,6 +4,7 @@
 #   scripts/gpu_check.sh                      # all steps: env tests sanitize bench decode bounds
 #   scripts/gpu_check.sh env tests sanitize   # correctness only (~5-7 min)
 #   scripts/gpu_check.sh env bench decode bounds  # performance only (~6-9 min)
+#   scripts/gpu_check.sh env ab               # same-card A/B of AB_CMD against ab_base/ (scripts/ab_prepare.sh)
 #
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
 # BUDGET_S seconds (default 570, under the 10-minute limit of one GPU command): a step gets at most what
@@ -14,7 +15,8 @@
 # Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s, per test file;
 # the files run in parallel), TEST_FILES, HYPOTHESIS_PROFILE (gpu), SANITIZE_TIMEOUT (90 s per run),
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
-# BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags).
+# BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags), AB_CMD and AB_TIMEOUT (90 s per run) for the ab step
+# (not in the default steps: it needs ab_base/ from scripts/ab_prepare.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +28,7 @@ SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-90}
 BENCH_MINUTES=${BENCH_MINUTES:-6}
 DECODE_TIMEOUT=${DECODE_TIMEOUT:-150}
 BOUNDS_TIMEOUT=${BOUNDS_TIMEOUT:-120}
+AB_TIMEOUT=${AB_TIMEOUT:-90}
 STEPS=${*:-env tests sanitize bench decode bounds}
 START=$(date +%s)
 RESULTS=$(mktemp -d)
@@ -146,6 +149,24 @@ if want bounds; then
     run_step "benchmarks.bounds" "$BOUNDS_TIMEOUT" "$OUT/bench.log" "$PY" -m benchmarks.bounds --out "$RESULTS" ${BOUNDS_ARGS:-}
 fi
 
+if want ab; then
+    # same-card A/B: AB_CMD (a python script and its flags, relative to a repository root) under ab_base/ (made
+    # by scripts/ab_prepare.sh REV) and under the working tree, alternately, twice each
+    AB_CMD=${AB_CMD:-scripts/selection_tiles.py --lengths 65536 --configs default meanpool64 g4 --chunks 16}
+    if [[ ! -d ab_base ]]; then
+        printf '%-34s %-14s\n' "ab" "SKIPPED no ab_base/ (scripts/ab_prepare.sh)" >>"$SUMMARY"
+    else
+        for round in 1 2; do
+            for side in base tree; do
+                root=$([[ $side == base ]] && echo ab_base || echo .)
+                echo "=== ab $side round $round" >>"$OUT/ab.log"
+                # shellcheck disable=SC2086 # AB_CMD is a list of arguments
+                run_step "ab $side round $round" "$AB_TIMEOUT" "$OUT/ab.log" "$PY" "$root"/$AB_CMD --out "$RESULTS/ab_${side}_$round"
+            done
+        done
+    fi
+fi
+
 if compgen -G "$RESULTS/*" >/dev/null; then
     tar -cf "$OUT/results.tar" -C "$RESULTS" $(cd "$RESULTS" && ls)
 fi
@@ -159,6 +180,10 @@ fi
 if [[ -f $OUT/bench.log ]] && grep -q '^error:' "$OUT/bench.log"; then
     echo "----- benchmark errors (first 20, cut to 300 characters)"
     grep '^error:' "$OUT/bench.log" | head -n 20 | cut -c1-300
+fi
+if [[ -f $OUT/ab.log ]]; then
+    echo "----- A/B (base = ab_base/, tree = the working tree)"
+    grep -E '^=== ab|^optimized from| ms ' "$OUT/ab.log" | grep -v timeout | tail -n 40
 fi
 if [[ -f $OUT/tests.log ]]; then
     echo "----- test failures (first 40 lines)"

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    env = environment(device)
+    print(f"optimized from {Path(optimized.__file__).parent}, source_sha1 {env['source_sha1']}, {env['card']}")
     records, failed = [], 0
     for name in args.configs:
         cfg = CONFIGS[name]
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append({"config": name, "seq_len": seq_len, "bs": bs, **tiles, "ms": ms, "same": same})
                 print(f"{name:11s} T={seq_len:6d} bs={bs!s:4s} {tiles}  {ms:8.3f} ms  same={same}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selection_tiles.json").write_text(json.dumps({"env": environment(device), "records": records}))
+    (args.out / "selection_tiles.json").write_text(json.dumps({"env": env, "records": records}))
     return 1 if failed else 0
 
 
