@@ -199,17 +199,18 @@ def select_blocks_kernel(
     tl.store(p_o, tl.where(m_top, b_idx, -1).to(tl.int32), mask=m_t[:, None] & (o_slot < N)[None, :])
 
 
-def select_tiles(G: int, DK: int, n: int, R: int, bs: int | None = None) -> dict[str, int]:
+def select_tiles(G: int, DK: int, n: int, R: int, bs: int | None = None, rows: int | None = None) -> dict[str, int]:
     """The launch's tile sizes for group size ``G``, head dim ``DK``, ``n`` selected blocks, ``R = l' / d``.
 
-    ``BT`` positions of ``GP`` rows: up to 128 rows (64 for DK > 128: the ``q`` tile stays in registers) and
+    ``BT`` positions of ``GP`` rows: up to ``rows`` rows (default 128, 64 for DK > 128: the ``q`` tile stays in
+    registers) and
     at most 4096 elements in the merge's ``[BT, NP, max(NP, BS)]`` comparisons, but at least 16 rows for
     ``tl.dot``; chunks of ``BS`` selection blocks (``bs``, default ``NP``); compressed tiles of ``BC`` (at most
     8192 elements in the ``[BT, BC, BS]`` product of the broadcast map, used for ``BT < 16``).
     """
     GP, NP = triton.next_power_of_2(G), next_power_of_2(n, 2)
     BS = bs or NP
-    rows = 128 if DK <= 128 else 64
+    rows = rows or (128 if DK <= 128 else 64)
     BT = max(1, 16 // GP, min(rows // GP, 4096 // (NP * max(NP, BS))))
     BC = min(128, next_power_of_2(BS * R))
     if BT < 16:
@@ -225,15 +226,17 @@ def select_blocks_fwd(
     scale: float,
     cu_seqlens: torch.Tensor | None,
     bs: int | None = None,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """Launch the fused selection. q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] -> [B, T, H, n] int32.
 
-    ``bs``: the chunk of selection blocks per merge (default: :func:`select_tiles`'s).
+    ``bs``, ``rows``: the chunk of selection blocks per merge and the most query rows per program (defaults:
+    :func:`select_tiles`'s; for experiments, ``scripts/selection_tiles.py``).
     """
     B, T, HQ, DK = q.shape
     H, n = k_cmp.shape[2], config.num_selected
     G = HQ // H
-    tiles = select_tiles(G, DK, n, config.select_block // config.compress_stride, bs)
+    tiles = select_tiles(G, DK, n, config.select_block // config.compress_stride, bs, rows)
     cu, cu_c, tile_seq, tile_start = sequence_tiles(
         sequence_lengths(B, T, cu_seqlens), config, tiles["BT"], 1, q.device
     )
