@@ -1,11 +1,15 @@
-"""Plots from ``bench.json``: speedup over each baseline (the paper's Figure 6 layout) and a per-branch breakdown.
+"""Plots from ``bench.json``: speedup over each baseline (the paper's Figure 6 layout) and a per-branch breakdown;
+from ``decode.json``: decode step time and speedup against the context.
 
     python -m benchmarks.plot                                   # benchmarks/results/bench.json
     python -m benchmarks.plot --json /tmp/out/bench.json --out /tmp/out
+    python -m benchmarks.plot --decode results/decode.json results/experiments/decode_h100_64k.json
 
 Writes ``speedup_<config>.png`` (forward and backward panels; bars per baseline, with the paper's
 A100 numbers against FlashAttention-2 as markers) and ``breakdown_<config>.png`` (stacked time of the
-compressed, selection, selected and window parts' shares, with the times in ms above the bars).
+compressed, selection, selected and window parts' shares, with the times in ms above the bars); with
+``--decode``, ``decode_<config>.png`` from one or more ``decode.json`` files of the same card (records of a
+later file replace those of an earlier one at the same batch and context).
 """
 
 from __future__ import annotations
@@ -101,6 +105,62 @@ def plot_breakdown(data: dict[str, Any], config: str, path: Path) -> bool:
     return True
 
 
+def decode_rows(datas: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, float]]:
+    """Per (batch, context): the NSA step's and the fastest full-attention step's microseconds, and the
+    tokens-read ratio (full / NSA), from the records of every file (a later file wins)."""
+    rows: dict[tuple[int, int], dict[str, float]] = {}
+    for data in datas:
+        by_key: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        for r in data["records"]:
+            by_key.setdefault((r["batch"], r["context"]), []).append(r)
+        for key, recs in by_key.items():
+            full = [r for r in recs if r["kind"] == "full" and "us" in r]
+            nsa = [r for r in recs if r["kind"] == "nsa" and "us" in r]
+            if full and nsa:
+                best = min(nsa, key=lambda r: r["us"])
+                rows[key] = {"nsa_us": best["us"], "full_us": min(r["us"] for r in full),
+                             "tokens_ratio": key[1] / best["tokens_read"]}  # fmt: skip
+    return rows
+
+
+def plot_decode(datas: list[dict[str, Any]], path: Path) -> bool:
+    """Left: microseconds per step against the context, NSA and the fastest full attention, per batch.
+    Right: the speedup, with the tokens-read ratio (the paper's Table 4 model) as the dotted line."""
+    rows = decode_rows(datas)
+    if not rows:
+        return False
+    cards = sorted({d["env"]["card"] for d in datas})
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, batch in enumerate(sorted({b for b, _ in rows})):
+        ctx = sorted(c for b, c in rows if b == batch)
+        color = f"C{i}"
+        ax_t.plot(ctx, [rows[batch, c]["nsa_us"] for c in ctx], "o-", color=color, label=f"NSA, batch {batch}")
+        ax_t.plot(ctx, [rows[batch, c]["full_us"] for c in ctx], "s--", color=color, label=f"full, batch {batch}")
+        speed = [rows[batch, c]["full_us"] / rows[batch, c]["nsa_us"] for c in ctx]
+        ax_s.plot(ctx, speed, "o-", color=color, label=f"batch {batch}")
+        for c, y in zip(ctx, speed):
+            ax_s.annotate(f"{y:.1f}x", (c, y), textcoords="offset points", xytext=(0, 5), fontsize=7, ha="center")
+    ctx = sorted({c for _, c in rows})
+    model = {c: next(r["tokens_ratio"] for (_, cc), r in rows.items() if cc == c) for c in ctx}
+    ax_s.plot(ctx, [model[c] for c in ctx], "k:", label="tokens read, full / NSA")
+    ax_s.axhline(1.0, color="grey", lw=0.8, ls="--")
+    for ax in (ax_t, ax_s):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ctx, [_k(c) for c in ctx])
+        ax.set_xlabel("context (tokens)")
+        ax.legend(fontsize=7)
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("µs per step (CUDA-graph replay)")
+    ax_t.set_title("step time")
+    ax_s.set_ylabel("speedup of NSA over full attention (x)")
+    ax_s.set_title("speedup")
+    fig.suptitle(f"NSA decode step: {datas[-1]['config']}, {', '.join(cards)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def make_plots(data: dict[str, Any], out: Path) -> list[Path]:
     """Every plot for every config in ``data``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +177,15 @@ def make_plots(data: dict[str, Any], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/bench.json"))
-    p.add_argument("--out", type=Path, help="directory for the PNGs (default: the JSON's directory)")
+    p.add_argument("--decode", type=Path, nargs="+", help="decode.json files: plot these instead of --json")
+    p.add_argument("--out", type=Path, help="directory for the PNGs (default: the (first) JSON's directory)")
     args = p.parse_args(argv)
+    if args.decode:
+        datas = [json.loads(f.read_text()) for f in args.decode]
+        path = (args.out or args.decode[0].parent) / f"decode_{datas[-1]['config']}.png"
+        if plot_decode(datas, path):
+            print("wrote", path)
+        return 0
     data = json.loads(args.json.read_text())
     for path in make_plots(data, args.out or args.json.parent):
         print("wrote", path)

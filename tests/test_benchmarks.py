@@ -191,6 +191,11 @@ def test_decode_harness(tmp_path: Path) -> None:
     assert set(recs) == {"sdpa", "sdpa_gqa", "benchmarks.decode:eager_step"}
     assert all(r["status"] == "ok" and r["rel_err"] < 1e-5 for r in recs.values())
     assert recs["benchmarks.decode:eager_step"]["tokens_read"] == ref.decode_tokens_read(64, run.CONFIGS["tiny"].nsa)
+    row = plot.decode_rows([data])[2, 64]
+    assert row["nsa_us"] == recs["benchmarks.decode:eager_step"]["us"]
+    assert row["full_us"] == min(recs["sdpa"]["us"], recs["sdpa_gqa"]["us"])
+    assert plot.main(["--decode", str(tmp_path / "decode.json")]) == 0
+    assert (tmp_path / "decode_tiny.png").stat().st_size > 1000
 
 
 @pytest.mark.gpu
