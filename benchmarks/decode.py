@@ -174,17 +174,17 @@ def eager_step(p: DecodeProblem) -> Callable[[], Tensor]:
     return step
 
 
-def optimized_step(p: DecodeProblem) -> Callable[[], Tensor]:
+def optimized_step(p: DecodeProblem, **splits: int | None) -> Callable[[], Tensor]:
     """``optimized.decode``: a ``DecodeCache`` filled with the problem's caches, then ``decode_attention``.
 
     The window cache is a ring indexed by ``position % W``; the compressed cache's raw tail is not read
-    by a step, so it stays empty.
+    by a step, so it stays empty. ``splits``: the cache's ``split_tiles`` / ``split_blocks`` (experiments).
     """
     from optimized.decode import DecodeCache, decode_attention
 
     cfg, s = p.config, p.context
     cache = DecodeCache(
-        p.q.shape[0], s, cfg.heads_kv, cfg.dim_k, cfg.dim_v, cfg.nsa, dtype=p.q.dtype, device=p.q.device
+        p.q.shape[0], s, cfg.heads_kv, cfg.dim_k, cfg.dim_v, cfg.nsa, dtype=p.q.dtype, device=p.q.device, **splits
     )
     cache.k_slc.copy_(p.k_slc)
     cache.v_slc.copy_(p.v_slc)

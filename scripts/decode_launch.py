@@ -1,0 +1,83 @@
+"""Experiment: the decode step's time against its launch options, one knob at a time from the defaults.
+
+Knobs: ``num_warps`` of each of the four kernels (``optimized.decode.LAUNCH``) and the cache's split sizes
+(``split_tiles`` of the compressed pass, ``split_blocks`` of the sparse pass). Every variant is checked
+against the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per
+variant; writes ``decode_launch.json`` to ``--out``.
+
+    python scripts/decode_launch.py --contexts 65536 --batches 1 32 --warps select=4,16 compressed=8 \\
+        --split-tiles 1 2 4 --split-blocks 1 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from benchmarks import decode
+from benchmarks.run import CONFIGS, environment
+from optimized import decode as kernels
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]:
+    """(label, LAUNCH overrides, cache splits): the defaults, then each knob value on its own."""
+    out: list[tuple[str, dict[str, dict[str, int]], dict[str, int]]] = [("default", {}, {})]
+    for spec in args.warps:
+        kernel, _, values = spec.partition("=")
+        if kernel not in kernels.LAUNCH:
+            raise SystemExit(f"--warps: kernel must be one of {sorted(kernels.LAUNCH)}, got {kernel!r}")
+        out += [(f"{kernel} num_warps={w}", {kernel: {"num_warps": int(w)}}, {}) for w in values.split(",")]
+    out += [(f"split_tiles={n}", {}, {"split_tiles": n}) for n in args.split_tiles]
+    out += [(f"split_blocks={n}", {}, {"split_blocks": n}) for n in args.split_blocks]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[65536])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--config", default="default", choices=sorted(CONFIGS))
+    p.add_argument("--warps", nargs="*", default=[], help="KERNEL=W1,W2 (kernels: compressed select sparse combine)")
+    p.add_argument("--split-tiles", type=int, nargs="*", default=[])
+    p.add_argument("--split-blocks", type=int, nargs="*", default=[])
+    p.add_argument("--budget-ms", type=float, default=100.0)
+    p.add_argument("--min-reps", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("/tmp"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cfg = CONFIGS[args.config]
+    records: list[dict[str, Any]] = []
+    failed = 0
+    for batch in args.batches:
+        for context in args.contexts:
+            problems = [decode.make_problem(cfg, batch, context, device, seed=1000 * batch)]
+            expected = decode.eager_step(problems[0].to(torch.float32))()
+            for label, launch, splits in variants(args):
+                saved = {k: dict(v) for k, v in kernels.LAUNCH.items()}
+                for kernel, options in launch.items():
+                    kernels.LAUNCH[kernel].update(options)
+                try:
+                    make = functools.partial(decode.optimized_step, **splits)
+                    rec = decode.measure_step(make, problems, expected, args)
+                finally:
+                    kernels.LAUNCH.update(saved)
+                failed += rec["status"] != "ok"
+                records.append({"batch": batch, "context": context, "variant": label, **rec})
+                us = f"{rec['us']:9.1f} us" if "us" in rec else rec["status"]
+                print(f"B={batch:3d} context={context:7d} {label:28s} {us}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_launch.json").write_text(json.dumps({"env": environment(device), "records": records}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
