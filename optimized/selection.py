@@ -31,8 +31,8 @@ pass, which needs the final log-sum-exp), and one ``exp2`` per (row, visible com
 compressed tile a program reads one ``[BK, BC]`` key tile; ``q`` is read once. The map adds
 ``BT * BC * BS`` multiply-adds per tile, once per group: a tf32x3 matmul when ``BT >= 16``, else a
 broadcast sum in fp32. The merge costs ``BT * BS * (BS + 3 NP) + BT * NP^2`` int64 comparisons per chunk;
-:func:`select_tiles` keeps each comparison tile at 4096 elements or fewer so that nothing spills at G = 16
-and 4 (``ptxas -v``: ``scripts/spills.py``; G = 1 spills about 500 bytes). Measured (H100 at 64k, Nsight
+:func:`select_tiles` keeps the comparison tiles small enough that nothing spills at G = 16, 4, 2 or 1
+(``ptxas -v``: ``scripts/spills.py``). Measured (H100 at 64k, Nsight
 Compute, ``docs/performance.md``): the kernel is bound by integer instructions (the ALU pipe at 65%, 254
 registers, 12.5% occupancy), not by its matmuls or memory; hence the per-row visibility counts and the
 overlap weights built once per program.
@@ -206,12 +206,15 @@ def select_tiles(G: int, DK: int, n: int, R: int, bs: int | None = None, rows: i
     registers) and
     at most 4096 elements in the merge's ``[BT, NP, max(NP, BS)]`` comparisons, but at least 16 rows for
     ``tl.dot``; chunks of ``BS`` selection blocks (``bs``, default ``NP``); compressed tiles of ``BC`` (at most
-    8192 elements in the ``[BT, BC, BS]`` product of the broadcast map, used for ``BT < 16``).
+    8192 elements in the ``[BT, BC, BS]`` product of the broadcast map, used for ``BT < 16``). The default
+    ``BS`` shrinks so that the ``[BT, NP, BS]`` comparisons stay at 2048 elements (G < 16 has 16 positions).
     """
     GP, NP = triton.next_power_of_2(G), next_power_of_2(n, 2)
     BS = bs or NP
     rows = rows or (128 if DK <= 128 else 64)
     BT = max(1, 16 // GP, min(rows // GP, 4096 // (NP * max(NP, BS))))
+    if bs is None:  # a [BT, NP, BS] comparison tile of at most 2048: no spills at G = 1 and 4 (ptxas -v)
+        BS = max(1, min(BS, 2048 // (BT * NP)))
     BC = min(128, next_power_of_2(BS * R))
     if BT < 16:
         BC = min(BC, max(16, 8192 // (BT * BS)))

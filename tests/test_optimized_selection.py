@@ -9,7 +9,7 @@ from kernel_problems import DEVICE
 from sparse_problems import problem, sparse_problems
 
 import reference
-from optimized.selection import select_blocks
+from optimized.selection import select_blocks, select_blocks_fwd, select_tiles
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, check_against_reference
 
@@ -21,13 +21,25 @@ MANY_BLOCKS = NSAConfig(4, 2, 4, 6, 1, 2)  # 20 selection blocks at T = 80: thre
 @given(sparse_problems(max_seq_len=96))
 @example(problem(1, 1, 1, 16, 24, CFG, torch.float32))  # T = 1 < l: no compressed block, only forced blocks
 @example(problem(80, 1, 2, 16, 32, MANY_BLOCKS, torch.float32))  # scores carried across chunks of 8 blocks
-@example(problem(300, 1, 1, 16, 16, NSAConfig(2, 1, 16, 16, 1, 1), torch.float32))  # l'/d = 16: 2 tiles a chunk
 @example(problem(70, 2, 3, 48, 24, NSAConfig(), torch.float16))  # paper config: fewer candidates than n
 @example(problem(61, 1, 5, 24, 16, MANY_BLOCKS, torch.float32, seqlens=(9, 40, 12)))  # per-sequence numbering
 @example(problem(45, 1, 16, 16, 16, MANY_BLOCKS, torch.float32))  # G = 16: a tile is 2 positions x 16 heads
 @example(problem(21, 1, 33, 16, 16, CFG, torch.float32))  # G = 33 padded to 64 rows: one position per tile
 def test_selection_matches_reference(p: NSAProblem) -> None:
     check_against_reference("select_blocks", select_blocks, p, device=DEVICE)
+
+
+@pytest.mark.parametrize(("bs", "rows"), [(1, None), (16, None), (4, 16)])
+def test_selection_any_tiling(bs: int, rows: int | None) -> None:
+    """Chunks of 1 block; of 16 with l'/d = 16, two compressed tiles per chunk; 16 rows per program."""
+    p = problem(300, 1, 1, 16, 16, NSAConfig(2, 1, 16, 4, 1, 1), torch.float32)
+
+    def select(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, config: NSAConfig) -> torch.Tensor:
+        return select_blocks_fwd(q, k_cmp, lse, config, q.shape[-1] ** -0.5, None, bs, rows)
+
+    tiles = select_tiles(1, 16, 4, 16, bs, rows)
+    assert bs != 16 or tiles["BC"] < tiles["BS"] * 16  # the case it is meant to cover
+    check_against_reference("select_blocks", select, p, device=DEVICE)
 
 
 def test_exact_ties_go_to_the_lower_block() -> None:
