@@ -683,10 +683,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 del x, jobs, built  # before the next length's inputs are allocated
             data["elapsed_s"] = budget.elapsed_s()
+            data["autotune"] = autotune_choices()
             write_json(out, data)
     data["elapsed_s"] = budget.elapsed_s()
+    data["autotune"] = autotune_choices()
     write_json(out, data)
     return data
+
+
+def autotune_choices() -> dict[str, dict[str, str]]:
+    """The config each autotuned kernel of ``optimized`` picked so far, per tuning key (its key arguments and
+    dtypes): which tile sizes win on the card, next to the times they gave."""
+    import triton
+
+    choices: dict[str, dict[str, str]] = {}
+    for mod_name in sorted(m for m in sys.modules if m == "optimized" or m.startswith("optimized.")):
+        for name, obj in vars(sys.modules[mod_name]).items():
+            if isinstance(obj, triton.runtime.Autotuner) and obj.cache:
+                choices[f"{mod_name}.{name}"] = {repr(key): str(cfg) for key, cfg in obj.cache.items()}
+    return choices
 
 
 def main(argv: list[str] | None = None) -> int:

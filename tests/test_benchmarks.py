@@ -228,3 +228,18 @@ def test_bounds_gather_reads_the_selected_tokens() -> None:
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert r["gather_bytes"] == tokens * 2 * k.shape[-1] * k.element_size()
     assert set(bounds.floors(r, 100.0)) == {"compressed", "selection", "window", "selected", "core"}
+
+
+def test_autotune_choices_name_each_tuned_kernel() -> None:
+    """What the autotuner picked, per kernel and key, as the benchmark JSON records it."""
+    from optimized import selection
+
+    kernel = selection.select_blocks_kernel
+    key = ("a key",)
+    kernel.cache[key] = kernel.configs[0]
+    try:
+        choices = run.autotune_choices()
+    finally:
+        del kernel.cache[key]
+    assert choices["optimized.selection.select_blocks_kernel"] == {repr(key): str(kernel.configs[0])}
+    assert "optimized.selection.select_blocks_kernel" not in run.autotune_choices()
