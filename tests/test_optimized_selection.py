@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from kernel_problems import DEVICE
 from sparse_problems import problem, sparse_problems
 
@@ -29,17 +30,27 @@ def test_selection_matches_reference(p: NSAProblem) -> None:
     check_against_reference("select_blocks", select_blocks, p, device=DEVICE)
 
 
-@pytest.mark.parametrize(("bs", "rows"), [(1, None), (16, None), (4, 16)])
-def test_selection_any_tiling(bs: int, rows: int | None) -> None:
-    """Chunks of 1 block; of 16 with l'/d = 16, two compressed tiles per chunk; 16 rows per program."""
-    p = problem(300, 1, 1, 16, 16, NSAConfig(2, 1, 16, 4, 1, 1), torch.float32)
+MULTI_TILE = problem(300, 1, 1, 16, 16, NSAConfig(2, 1, 16, 4, 1, 1), torch.float32)  # l'/d = 16
 
-    def select(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, config: NSAConfig) -> torch.Tensor:
-        return select_blocks_fwd(q, k_cmp, lse, config, q.shape[-1] ** -0.5, None, bs, rows)
 
-    tiles = select_tiles(1, 16, 4, 16, bs, rows)
-    assert bs != 16 or tiles["BC"] < tiles["BS"] * 16  # the case it is meant to cover
+@settings(max_examples=8)
+@given(sparse_problems(max_seq_len=96), st.sampled_from([None, 1, 2, 4, 16]), st.sampled_from([None, 16, 32]))
+@example(MULTI_TILE, 1, None)  # chunks of one block
+@example(MULTI_TILE, 16, None)  # chunks of 16 blocks = 256 compressed blocks: two tiles of 128 per chunk
+@example(MULTI_TILE, 4, 16)  # 16 rows per program
+def test_selection_any_tiling(p: NSAProblem, bs: int | None, rows: int | None) -> None:
+    """Any chunk size and row limit (``select_tiles``' overrides) gives the reference's blocks."""
+
+    def select(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, config: NSAConfig, **kw) -> torch.Tensor:
+        return select_blocks_fwd(q, k_cmp, lse, config, q.shape[-1] ** -0.5, kw.get("cu_seqlens"), bs, rows)
+
     check_against_reference("select_blocks", select, p, device=DEVICE)
+
+
+def test_multi_tile_example_has_two_tiles_per_chunk() -> None:
+    """The pinned case of test_selection_any_tiling covers the map of a chunk spread over compressed tiles."""
+    tiles = select_tiles(1, 16, 4, 16, 16)
+    assert tiles["BC"] < tiles["BS"] * 16
 
 
 def test_exact_ties_go_to_the_lower_block() -> None:
