@@ -119,7 +119,7 @@ def select_blocks_kernel(
     p_rt = o_rt - bos  # [BM]
     n_vis_r = tl.where(m_r & (p_rt + 1 >= L), (p_rt + 1 - L) // D + 1, 0)  # [BM] compressed blocks each row sees
     t_last = tl.minimum(t0 + BT, eos) - 1 - bos
-    n_vis = tl.where(t_last + 1 >= L, (t_last + 1 - L) // D + 1, 0)  # compressed blocks the last row sees
+    n_vis = tl.max(n_vis_r, axis=0)  # compressed blocks the last row sees
     n_blk = t_last // LS + 1  # candidate blocks of the last row
     o_k = tl.arange(0, BK)
     m_k = o_k < DK
