@@ -258,33 +258,40 @@ def attn_bwd_dq_step(
 def attn_bwd_dkv_step(
     b_k,
     b_v,
-    p_q,
+    p_qt,
     p_do,
     p_lse,
     p_delta,
-    m_q,
+    m_qt,
     m_do,
     m_r,
-    m_s,
+    m_st,
     qk_scale,
     b_dk,
     b_dv,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dk/dv accumulation of one resident key tile over one tile of query rows.
+    """dk/dv accumulation of one resident key tile over one tile of query rows, in the key-major layout.
 
-    b_k [BK, BN] = K^T, b_v [BV, BN] = V^T (loaded once by the caller); p_q [BM, BK], p_do [BM, BV]
-    pointers with load masks m_q / m_do; p_lse / p_delta [BM] pointers to lse (natural log) and delta,
-    m_r [BM] row mask; m_s [BM, BN]. b_dk [BN, BK] += ds^T q (multiply by scale at the end),
-    b_dv [BN, BV] += p^T do, both fp32. Returns (b_dk, b_dv).
+    b_k [BN, BK], b_v [BN, BV] (loaded once by the caller); p_qt [BK, BM] pointers to Q^T, p_do [BM, BV]
+    pointers, with load masks m_qt / m_do; p_lse / p_delta [BM] pointers to lse (natural log) and delta,
+    m_r [BM] row mask; m_st [BN, BM] bool: key seen by row. b_dk [BN, BK] += ds^T q (multiply by scale at the
+    end), b_dv [BN, BV] += p^T do, both fp32. Returns (b_dk, b_dv).
+
+    Everything is computed transposed (s^T = k q^T, [BN, BM]) so that p^T and ds^T feed their dots straight
+    from registers: the row-major form (s = q k^T, then ``tl.trans(p)``) gave run-to-run different dk on sm_90
+    with Triton 3.6 (a few elements off by up to 7% of max|dk|; docs/kernels.md).
     """
-    b_q = tl.load(p_q, mask=m_q, other=0.0)  # [BM, BK]
+    b_qt = tl.load(p_qt, mask=m_qt, other=0.0)  # [BK, BM]
     b_do = tl.load(p_do, mask=m_do, other=0.0)  # [BM, BV]
     b_lse2 = tl.load(p_lse, mask=m_r, other=0.0) * LOG2E  # [BM]
     b_delta = tl.load(p_delta, mask=m_r, other=0.0)  # [BM]
-    b_p, b_ds = attn_bwd_probs(b_q, b_do, b_k, b_v, b_lse2, b_delta, m_s, qk_scale, DOT_PRECISION)
-    b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [BN, BV]
-    b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision=DOT_PRECISION)  # [BN, BK]
+    b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
+    b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)  # [BN, BM]
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)  # [BN, BV]
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BN, BM]
+    b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
+    b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=DOT_PRECISION)  # [BN, BK]
     return b_dk, b_dv
 
 

@@ -467,21 +467,21 @@ def _dkv_row_loop(
             m_r = o_r < r_max
             b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)
             b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)
-            m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
-            m_q, m_do = m_r[:, None] & m_dk[None, :], m_r[:, None] & m_dv[None, :]
+            m_st = (o_s[:, None] >= b_lo[None, :]) & (o_s[:, None] < b_hi[None, :])  # [BN, BM]
+            m_qt, m_do = m_dk[:, None] & m_r[None, :], m_r[:, None] & m_dv[None, :]
         else:
-            m_r, m_s, m_q, m_do = True, True, m_dk[None, :], m_dv[None, :]
+            m_r, m_st, m_qt, m_do = True, True, m_dk[:, None], m_dv[None, :]
         b_dk, b_dv = attn_bwd_dkv_step(
             b_k,
             b_v,
-            q + o_row[:, None] * DK + o_k[None, :],  # [BM, BK]
+            q + o_row[None, :] * DK + o_k[:, None],  # [BK, BM]
             do + o_row[:, None] * DV + o_v[None, :],  # [BM, BV]
             lse + o_row,
             delta + o_row,
-            m_q,
+            m_qt,
             m_do,
             m_r,
-            m_s,
+            m_st,
             qk_scale,
             b_dk,
             b_dv,
@@ -490,14 +490,19 @@ def _dkv_row_loop(
     return b_dk, b_dv
 
 
+# (meta-parameters, num_warps, num_stages) of the dk/dv kernel, the safest first; a GPU test launches each one
+# and asserts bitwise-repeatable dk/dv (the row-major helper raced under two of these four, docs/kernels.md)
+DKV_CHOICES = [
+    ({"BN": 64, "BM": 32}, 4, 2),
+    ({"BN": 64, "BM": 64}, 4, 3),
+    ({"BN": 128, "BM": 64}, 8, 2),
+    ({"BN": 128, "BM": 32}, 8, 2),
+]
+
+
 @triton.autotune(
     configs=config_list(
-        [
-            ({"BN": 64, "BM": 32}, 4, 2),
-            ({"BN": 64, "BM": 64}, 4, 3),
-            ({"BN": 128, "BM": 64}, 8, 2),
-            ({"BN": 128, "BM": 32}, 8, 2),
-        ],
+        DKV_CHOICES,
         interpreter={"BN": 32, "BM": 32},
     ),
     key=_TUNE_KEY,
@@ -547,8 +552,8 @@ def interval_bwd_dkv_kernel(
     o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
     m_nk, m_nv = m_n[:, None] & (o_k[None, :] < DK), m_n[:, None] & (o_v[None, :] < DV)
 
-    b_k = tl.trans(tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_nk, other=0.0))  # [BK, BN]
-    b_v = tl.trans(tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_nv, other=0.0))  # [BV, BN]
+    b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_nk, other=0.0)  # [BN, BK]
+    b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_nv, other=0.0)  # [BN, BV]
     s_first, s_last = i_n * BN, tl.minimum(i_n * BN + BN, S) - 1
     r_lo = tl.maximum(tl.load(k_first + s_first) * G, i_split * SPLIT_ROWS)  # rows of the queries that see the tile
     r_hi = tl.minimum(tl.load(k_last + s_last) * G, i_split * SPLIT_ROWS + SPLIT_ROWS)

@@ -274,8 +274,8 @@ def selected_bwd_dkv_kernel(
         o_s = s0 + o_n  # [BN] packed keys
         m_n = o_s < s1
         o_key = o_s.to(tl.int64) * H + i_h  # [BN]
-        b_k = tl.load(k + o_key[None, :] * DK + o_k[:, None], mask=m_dk[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
-        b_v = tl.load(v + o_key[None, :] * DV + o_v[:, None], mask=m_dv[:, None] & m_n[None, :], other=0.0)  # [BV, BN]
+        b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & m_dk[None, :], other=0.0)  # [BN, BK]
+        b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BV]
         b_dk = tl.zeros([BN, BK], dtype=tl.float32)
         b_dv = tl.zeros([BN, BV], dtype=tl.float32)
         for r0 in range(0, (e1 - e0) * G, BM):
@@ -283,18 +283,18 @@ def selected_bwd_dkv_kernel(
             m_r = o_r < (e1 - e0) * G
             o_t = tl.load(query_of + e0 + o_r // G, mask=m_r, other=0)  # [BM] packed query positions
             o_row = o_t.to(tl.int64) * HQ + i_h * G + o_r % G  # [BM] index into [TT, HQ]
-            m_s = m_r[:, None] & m_n[None, :] & (o_s[None, :] <= o_t[:, None])  # [BM, BN]
+            m_st = m_n[:, None] & m_r[None, :] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
             b_dk, b_dv = attn_bwd_dkv_step(
                 b_k,
                 b_v,
-                q + o_row[:, None] * DK + o_k[None, :],  # [BM, BK]
+                q + o_row[None, :] * DK + o_k[:, None],  # [BK, BM]
                 do + o_row[:, None] * DV + o_v[None, :],  # [BM, BV]
                 lse + o_row,
                 delta + o_row,
-                m_r[:, None] & m_dk[None, :],
+                m_dk[:, None] & m_r[None, :],
                 m_r[:, None] & m_dv[None, :],
                 m_r,
-                m_s,
+                m_st,
                 qk_scale,
                 b_dk,
                 b_dv,
