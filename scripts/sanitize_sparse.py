@@ -14,9 +14,12 @@ kernels run inside ``nsa_attention``). Exits non-zero if any result differs from
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import optimized
 from optimized import _interval, compressed, nsa, selected, selection, window

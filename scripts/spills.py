@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"  # the real autotune configs, not the interpreter's
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import triton
 from triton.backends.compiler import GPUTarget
