@@ -5,6 +5,7 @@
 #   scripts/gpu_check.sh env tests sanitize   # correctness only (~5-7 min)
 #   scripts/gpu_check.sh env bench decode bounds  # performance only (~6-9 min)
 #   scripts/gpu_check.sh env ab               # same-card A/B of AB_CMD against ab_base/ (scripts/ab_prepare.sh)
+#   scripts/gpu_check.sh env profile          # device time per kernel (scripts/kernel_times.py, PROFILE_ARGS)
 #
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
 # BUDGET_S seconds (default 570, under the 10-minute limit of one GPU command): a step gets at most what
@@ -155,6 +156,13 @@ if want bounds; then
     run_step "benchmarks.bounds" "$BOUNDS_TIMEOUT" "$OUT/bench.log" "$PY" -m benchmarks.bounds --out "$RESULTS" ${BOUNDS_ARGS:-}
 fi
 
+if want profile; then
+    # device time per kernel (not in the default steps): where the core's fwd+bwd and a decode step spend it
+    # shellcheck disable=SC2086 # PROFILE_ARGS is a list of flags
+    run_step "kernel_times" "${PROFILE_TIMEOUT:-150}" "$OUT/profile.log" "$PY" scripts/kernel_times.py --out "$RESULTS" \
+        ${PROFILE_ARGS:---core default 65536 --decode default 1 65536 --decode default 32 65536}
+fi
+
 if want ab; then
     # same-card A/B: AB_CMD (a python script and its flags, relative to a repository root) under ab_base/ (made
     # by scripts/ab_prepare.sh REV) and under the working tree, alternately, twice each
@@ -186,6 +194,10 @@ fi
 if [[ -f $OUT/bench.log ]] && grep -q '^error:' "$OUT/bench.log"; then
     echo "----- benchmark errors (first 20, cut to 300 characters)"
     grep '^error:' "$OUT/bench.log" | head -n 20 | cut -c1-300
+fi
+if [[ -f $OUT/profile.log ]]; then
+    echo "----- device time per kernel"
+    grep -E '^(==|  )' "$OUT/profile.log" | head -n 60
 fi
 if [[ -f $OUT/ab.log ]]; then
     echo "----- A/B (base = ab_base/, tree = the working tree)"
