@@ -6,6 +6,7 @@
 #   scripts/gpu_check.sh env bench decode bounds  # performance only (~6-9 min)
 #   scripts/gpu_check.sh env ab               # same-card A/B of AB_CMD against ab_base/ (scripts/ab_prepare.sh)
 #   scripts/gpu_check.sh env profile          # device time per kernel (scripts/kernel_times.py, PROFILE_ARGS)
+#   scripts/gpu_check.sh env configs          # every autotune config of every kernel (scripts/check_configs.py)
 #
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
 # BUDGET_S seconds (default 570, under the 10-minute limit of one GPU command): a step gets at most what
@@ -154,6 +155,14 @@ fi
 if want bounds; then
     # shellcheck disable=SC2086 # BOUNDS_ARGS is a list of flags
     run_step "benchmarks.bounds" "$BOUNDS_TIMEOUT" "$OUT/bench.log" "$PY" -m benchmarks.bounds --out "$RESULTS" ${BOUNDS_ARGS:-}
+fi
+
+if want configs; then
+    # every autotune config of every kernel, forced one at a time (not in the default steps: ~5 min)
+    # shellcheck disable=SC2086 # CONFIGS_ARGS is a list of flags
+    run_step "check_configs" "${CONFIGS_TIMEOUT:-330}" "$OUT/configs.log" "$PY" scripts/check_configs.py ${CONFIGS_ARGS:-}
+    grep -cE ' ok$' "$OUT/configs.log" | sed 's/^/    configs ok: /' >>"$SUMMARY"
+    grep -E 'FAILED|skipped' "$OUT/configs.log" | head -n 20 | cut -c1-200 | sed 's/^/    /' >>"$SUMMARY"
 fi
 
 if want profile; then

@@ -243,20 +243,3 @@ def test_autotune_choices_name_each_tuned_kernel() -> None:
         del kernel.cache[key]
     assert choices["optimized.selection.select_blocks_kernel"] == {repr(key): str(kernel.configs[0])}
     assert "optimized.selection.select_blocks_kernel" not in run.autotune_choices()
-
-
-def test_kernel_times_script(tmp_path: Path) -> None:
-    """scripts/kernel_times.py on the CPU (profiles CPU ops there): the table has the NSA custom ops."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "kernel_times.py"
-    spec = importlib.util.spec_from_file_location("kernel_times", path)
-    kernel_times = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kernel_times)
-    argv = ["--core", "tiny", "24", "--warmup", "0", "--iters", "1", "--out", str(tmp_path), "--device", str(DEVICE)]
-    assert kernel_times.main(argv) == 0
-    table = json.loads((tmp_path / "kernel_times.json").read_text())["tables"]["core tiny T=24"]
-    names = {row["name"] for row in table}
-    assert {"nsa::interval_attention_fwd", "nsa::select_blocks", "nsa::selected_attention_bwd"} <= names
-    with pytest.raises(SystemExit):
-        kernel_times.main(["--core", "no_such_config", "24"])

@@ -1,0 +1,58 @@
+"""CPU smoke tests of the GPU experiment scripts (scripts/), run through the interpreter at small shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from kernel_problems import DEVICE
+
+import optimized
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_times_script(tmp_path: Path) -> None:
+    """kernel_times.py profiles CPU ops on the CPU: the table has the NSA custom ops."""
+    kernel_times = load_script("kernel_times")
+    argv = ["--core", "tiny", "24", "--warmup", "0", "--iters", "1", "--out", str(tmp_path), "--device", str(DEVICE)]
+    assert kernel_times.main(argv) == 0
+    table = json.loads((tmp_path / "kernel_times.json").read_text())["tables"]["core tiny T=24"]
+    names = {row["name"] for row in table}
+    assert {"nsa::interval_attention_fwd", "nsa::select_blocks", "nsa::selected_attention_bwd"} <= names
+    with pytest.raises(SystemExit):
+        kernel_times.main(["--core", "no_such_config", "24"])
+
+
+def test_check_configs_passes_and_catches(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """check_configs.py passes the real kernels; a wrong and a non-repeatable mean_pool each fail it."""
+    check_configs = load_script("check_configs")
+    device = str(DEVICE)
+    assert check_configs.check_kernel("interval_dkv", ["g16"], device) == 0
+    assert check_configs.check_kernel("mean_pool_fwd", ["g16"], device) == 0
+    real = optimized.mean_pool
+    monkeypatch.setattr(optimized, "mean_pool", lambda x, config: real(x, config) * 1.01)
+    assert check_configs.check_kernel("mean_pool_fwd", ["g16"], device) == 1
+    assert "FAILED: mean_pool: differs from the float64 reference" in capsys.readouterr().out
+    calls = iter(range(100))
+
+    def one_ulp_off_every_other_call(x: torch.Tensor, config: object) -> torch.Tensor:
+        y = real(x, config)
+        if next(calls) % 2:  # within any tolerance, but not bitwise equal to the previous call's
+            y = y + (torch.nextafter(y.detach(), torch.full_like(y, float("inf"))) - y.detach())
+        return y
+
+    monkeypatch.setattr(optimized, "mean_pool", one_ulp_off_every_other_call)
+    assert check_configs.check_kernel("mean_pool_fwd", ["g16"], device) == 1
+    assert "mean_pool differs between runs" in capsys.readouterr().out
