@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 from hypothesis import example, given, settings
 from kernel_problems import DEVICE, examples, kernel_problems, problem
 
 import reference
-from optimized.window import sliding_window_attention
+from optimized import _interval
+from optimized._common import attn_bwd_preprocess
+from optimized.window import sliding_window_attention, window_bounds
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, check_against_reference
 
@@ -57,12 +60,6 @@ def test_window_dkv_repeatable_gpu_large(group: int) -> None:
     """Every autotune choice of the dk/dv kernel gives bitwise-equal dk, dv on repeated launches (no race) and
     agrees with the first choice up to accumulation order. Under the row-major helper two choices gave
     run-to-run different dk on sm_90, some elements off by 4% of max|dk| (docs/kernels.md)."""
-    import triton
-
-    from optimized import _interval
-    from optimized._common import attn_bwd_preprocess
-    from optimized.window import window_bounds
-
     T, H, D, scale = 4096, 2, 128, 128**-0.5
     gen = torch.Generator(device="cuda").manual_seed(group)
     q, do = (torch.randn(1, T, H * group, D, device="cuda", generator=gen).bfloat16() for _ in range(2))
