@@ -41,6 +41,12 @@ def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def tune_bucket(n: int) -> int:
+    """An autotune key's size bucket: ``b`` for ``2^(b-1) <= n < 2^b`` (0 for 0). Kernels take it as an argument
+    they never read, so a config tuned at one size serves the sizes of its bucket and no others."""
+    return int(n).bit_length()
+
+
 def next_power_of_2(n: int, minimum: int = 16) -> int:
     """The padded tile size for a dimension of ``n`` (>= ``minimum``; ``tl.dot`` needs K >= 16)."""
     return max(minimum, triton.next_power_of_2(n))

@@ -52,12 +52,13 @@ from ._common import (
     dot_precision,
     is_interpreting,
     next_power_of_2,
+    tune_bucket,
 )
 from ._interval import token_sequences
 from ._sparse import sequence_lengths, sequence_tiles
 
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
-_TUNE_KEY = ["G", "BK", "BV", "BN"]
+_TUNE_KEY = ["G", "BK", "BV", "BN", "TUNE_T"]  # TUNE_T: log2 bucket of the tokens (tune_bucket)
 
 
 @triton.jit
@@ -102,6 +103,7 @@ def selected_fwd_kernel(
     union,  # [NT, H, U] int32: each tile's blocks (the union over its positions), ascending
     union_len,  # [NT, H] int32: how many
     scale,
+    TUNE_T,  # the autotuner's size bucket (_TUNE_KEY), not read
     H: tl.constexpr,
     G: tl.constexpr,
     N: tl.constexpr,
@@ -172,6 +174,7 @@ def selected_bwd_dq_kernel(
     union,  # [NT, H, U] int32: each tile's blocks (the union over its positions), ascending
     union_len,  # [NT, H] int32: how many
     scale,
+    TUNE_T,  # the autotuner's size bucket (_TUNE_KEY), not read
     H: tl.constexpr,
     G: tl.constexpr,
     N: tl.constexpr,
@@ -249,6 +252,7 @@ def selected_bwd_dkv_kernel(
     block_end,  # [NB] int32: one past its last (the sequence may end inside it)
     scale,
     NB,
+    TUNE_T,  # the autotuner's size bucket (_TUNE_KEY), not read
     H: tl.constexpr,
     G: tl.constexpr,
     LS: tl.constexpr,
@@ -307,6 +311,7 @@ def selected_bwd_dkv_kernel(
 def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select_block: int) -> dict[str, object]:
     HQ, DK, H, DV = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
     return dict(
+        TUNE_T=tune_bucket(q.numel() // (HQ * DK)),
         H=H,
         G=HQ // H,
         LS=select_block,

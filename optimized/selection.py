@@ -54,6 +54,7 @@ from ._common import (
     dot_precision,
     next_power_of_2,
     overlap_strides,
+    tune_bucket,
 )
 from ._sparse import sequence_lengths, sequence_tiles
 
@@ -62,7 +63,9 @@ IDX = tl.constexpr((1 << 31) - 1)  # a key's low 32 bits hold IDX - j for block 
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 
 
-@triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2)), key=["G", "BK", "N", "BS", "BC"])
+@triton.autotune(
+    configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2)), key=["G", "BK", "N", "BS", "BC", "TUNE_T"]
+)
 @triton.jit
 def select_blocks_kernel(
     q,  # [TT, HQ, DK] packed tokens
@@ -81,6 +84,7 @@ def select_blocks_kernel(
     s_ot,
     s_oh,
     qk_scale,  # scale * log2(e)
+    TUNE_T,  # the autotuner's size bucket (tune_bucket of the tokens), not read
     G: tl.constexpr,
     GP: tl.constexpr,
     DK: tl.constexpr,
@@ -251,8 +255,9 @@ def select_blocks_fwd(
         q2, k2, lse2, out, cu, cu_c, tile_seq, tile_start,
         q2.stride(0), q2.stride(1), k2.stride(0), k2.stride(1), lse2.stride(0), out.stride(0), out.stride(1),
         scale * LOG2E.value,  # a float: a constexpr here would compile one kernel per scale
-        G=G, DK=DK, L=config.compress_block, D=config.compress_stride, LS=config.select_block,
-        N=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, DOT_PRECISION=dot_precision(q.dtype), **tiles,
+        TUNE_T=tune_bucket(B * T), G=G, DK=DK, L=config.compress_block, D=config.compress_stride,
+        LS=config.select_block, N=n, N_INIT=config.num_initial, N_LOCAL=config.num_local,
+        DOT_PRECISION=dot_precision(q.dtype), **tiles,
     )  # fmt: skip
     return out.view(B, T, H, n)
 

@@ -9,7 +9,7 @@ from kernel_problems import DEVICE, examples, kernel_problems, problem
 
 import optimized.compressed as compressed_module
 import reference
-from optimized import _common
+from optimized import _common, _interval
 from optimized.compressed import compressed_attention
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, assert_close_to_reference, check_against_reference
@@ -117,3 +117,19 @@ def test_exact_fp32_launches_get_small_tiles(monkeypatch: pytest.MonkeyPatch) ->
     configs = _common.config_list([({"BM": 128, "BN": 64}, 8, 3), ({"BM": 64, "BN": 64}, 4, 3)])
     assert [c.kwargs for c in _common.prune_by_precision(configs, {}, DOT_PRECISION="ieee")] == [{"BM": 32, "BN": 32}]
     assert [c.kwargs for c in _common.prune_by_precision(configs, {}, DOT_PRECISION="tf32")] == [{"BM": 128, "BN": 64}]
+
+
+def test_autotune_key_separates_sizes_and_branches() -> None:
+    """The interval kernels tune per (group, head dims, log2 bucket of B*T, log2 bucket of S): a 2k call and a
+    64k call, or the window (S = T) and the compressed branch (S = T / d) at one T, do not share a config."""
+    assert {"TUNE_T", "TUNE_S"} <= set(_interval._TUNE_KEY)
+    for kernel in (_interval.interval_fwd_kernel, _interval.interval_bwd_dq_kernel, _interval.interval_bwd_dkv_kernel):
+        assert set(_interval._TUNE_KEY) <= set(kernel.arg_names)
+
+    def key(T: int, S: int) -> tuple[int, int]:
+        meta = _interval._meta(torch.empty(1, T, 16, 128), torch.empty(1, S, 1, 128), torch.empty(1, S, 1, 128))
+        return meta["TUNE_T"], meta["TUNE_S"]
+
+    assert key(2048, 2048) != key(65536, 65536)
+    assert key(65536, 65536) != key(65536, NSAConfig().num_compressed(65536))
+    assert key(40000, 40000) == key(60000, 60000)  # one bucket: no retuning for every length
