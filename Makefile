@@ -37,8 +37,11 @@ test-docs: $(STAMP)
 
 # On the GPU machine (its own python, no venv): the kernels' tests natively, larger shapes and bf16 included
 # (one autotune config per kernel: hypothesis draws many shapes). scripts/gpu_check.sh adds compute-sanitizer.
+# on the GPU machine: the kernels' tests natively (one config per kernel), then every autotune config of every
+# kernel forced in turn (correct and repeatable); compute-sanitizer runs: scripts/gpu_check.sh sanitize
 test-gpu:
 	HYPOTHESIS_PROFILE=gpu NSA_AUTOTUNE=0 $(GPU_PY) -m pytest tests/test_optimized_*.py tests/test_benchmarks.py
+	$(GPU_PY) scripts/check_configs.py
 
 # On the CPU: compile every kernel launch of the kernel tests for sm_90 with Triton's own compiler (no GPU needed).
 compile-check: $(STAMP)
