@@ -33,7 +33,7 @@ def test_selection_matches_reference(p: NSAProblem) -> None:
 MULTI_TILE = problem(300, 1, 1, 16, 16, NSAConfig(2, 1, 16, 4, 1, 1), torch.float32)  # l'/d = 16
 
 # l'/d = 3: a chunk of 4 blocks is 12 compressed blocks in a tile of 16, so each tile passes its chunk's end;
-# with 16 rows per program, late tiles see the early chunks whole and skip the visibility mask
+# with 16 rows per program, late tiles see the early chunks whole (where a kernel may skip the visibility mask)
 WHOLE_TILES = problem(96, 1, 1, 16, 16, NSAConfig(4, 4, 12, 4, 1, 1), torch.float32)
 
 
@@ -42,7 +42,7 @@ WHOLE_TILES = problem(96, 1, 1, 16, 16, NSAConfig(4, 4, 12, 4, 1, 1), torch.floa
 @example(MULTI_TILE, 1, None)  # chunks of one block
 @example(MULTI_TILE, 16, None)  # chunks of 16 blocks = 256 compressed blocks: two tiles of 128 per chunk
 @example(MULTI_TILE, 4, 16)  # 16 rows per program
-@example(WHOLE_TILES, None, 16)  # tiles every row sees whole (no mask), and tiles that pass their chunk
+@example(WHOLE_TILES, None, 16)  # tiles every row sees whole, and tiles that pass their chunk
 def test_selection_any_tiling(p: NSAProblem, bs: int | None, rows: int | None) -> None:
     """Any chunk size and row limit (``select_tiles``' overrides) gives the reference's blocks."""
 
