@@ -6,11 +6,19 @@ sits at the 255-register cap is a lead for the next GPU profile, not a verdict: 
 
     .venv/bin/python scripts/spills.py                # every kernel in KERNELS
     .venv/bin/python scripts/spills.py interval_fwd   # one
+    .venv/bin/python scripts/spills.py --sass selection_g16   # and the SASS: instructions by opcode, barriers
+
+``--sass`` disassembles each config (nvdisasm) and counts its instructions: a static measure, useful to
+compare two versions of a kernel that is bound by instruction issue (the selection: docs/performance.md),
+not a timing. ``--sass-dir DIR`` also writes the ``.sass`` files there.
 """
 
 from __future__ import annotations
 
+import argparse
+import collections
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,10 +31,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from optimized import _interval, selected, selection
+from optimized import _interval, decode, selected, selection
 
 TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
 FP32 = ("lse", "delta", "scale", "qk_scale")
 BF16 = ("q", "k", "v", "o", "do", "dq", "dk", "dv", "k_cmp")
 DIMS = dict(H=4, G=16, DK=128, DV=128, BK=128, BV=128, DOT_PRECISION="tf32")
@@ -46,6 +55,13 @@ KERNELS = {
         )
         for g in (16, 4, 1)
     },
+    # the decode step's select kernel at 64k (1024 candidate blocks), one program per sequence and kv head
+    "decode_select": (
+        decode.decode_select_kernel,
+        dict(H=4, G=16, LS=64, N_SEL=16, N_INIT=1, N_LOCAL=2, NC=64, BG=16, BP=64, BJ=16, BS=256, NSP=1024, BSEL=16),
+        {name: "*fp32" for name in ("cmp_m", "cmp_l", "sel", "sel_ref", "scores")},
+        decode.LAUNCH["select"],
+    ),
 }
 
 
@@ -68,12 +84,26 @@ def _signature(fn: JITFunction, constexprs: dict, overrides: dict[str, str]) -> 
     return sig
 
 
-def report(name: str) -> None:
-    kernel, constexprs, overrides = KERNELS[name]
-    fn = kernel.fn
+def sass_counts(cubin: bytes, save_as: str | None = None) -> collections.Counter:
+    """Instructions of a compiled kernel by opcode (nvdisasm of the cubin; predicates and modifiers dropped)."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    sass = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    if save_as:
+        with open(save_as, "w") as f:
+            f.write(sass)
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    return collections.Counter(ops)
+
+
+def report(name: str, sass: bool = False, sass_dir: str | None = None) -> None:
+    kernel, constexprs, overrides, *launch = KERNELS[name]
+    fn = kernel
     while not isinstance(fn, JITFunction):
         fn = fn.fn
-    for cfg in kernel.configs:
+    configs = getattr(kernel, "configs", None) or [triton.Config({}, **launch[0])]  # not autotuned: its launch
+    for cfg in configs:
         const = {**constexprs, **cfg.kwargs}
         sig = _signature(fn, const, overrides)
         const = {k: v for k, v in const.items() if k in sig}
@@ -107,13 +137,28 @@ def report(name: str) -> None:
             "?",
         )
         print(f"{label}  regs {regs:>3s}  spill stores {spill:>5s} B  smem {compiled.metadata.shared // 1024:3d} KiB")
+        if sass or sass_dir:
+            path = os.path.join(sass_dir, f"{name}_w{cfg.num_warps}_s{cfg.num_stages}.sass") if sass_dir else None
+            ops = sass_counts(compiled.asm["cubin"], path)
+            top = " ".join(f"{op}:{n}" for op, n in ops.most_common(12))
+            print(f"    sass: {sum(ops.values())} instructions, {ops['BAR']} barriers; {top}")
 
 
-def main(argv: list[str]) -> int:
-    for name in argv or list(KERNELS):
-        report(name)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("kernels", nargs="*", help=f"default: all of {', '.join(KERNELS)}")
+    p.add_argument("--sass", action="store_true", help="also count the SASS instructions by opcode")
+    p.add_argument("--sass-dir", help="also write each config's SASS there")
+    args = p.parse_args(argv)
+    for name in args.kernels:
+        if name not in KERNELS:
+            p.error(f"kernel must be one of {', '.join(KERNELS)}, got {name!r}")
+    if args.sass_dir:
+        os.makedirs(args.sass_dir, exist_ok=True)
+    for name in args.kernels or list(KERNELS):
+        report(name, args.sass, args.sass_dir)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -56,3 +60,18 @@ def test_check_configs_passes_and_catches(monkeypatch: pytest.MonkeyPatch, capsy
     monkeypatch.setattr(optimized, "mean_pool", one_ulp_off_every_other_call)
     assert check_configs.check_kernel("mean_pool_fwd", ["g16"], device) == 1
     assert "mean_pool differs between runs" in capsys.readouterr().out
+
+
+def test_spills_reports_registers_and_sass(tmp_path: Path) -> None:
+    """spills.py compiles a kernel for sm_90 on the CPU, reports ptxas' registers and counts its SASS (in its own
+    process: this one runs the kernels in the interpreter, where they cannot be compiled)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = [sys.executable, str(SCRIPTS / "spills.py")]
+    done = subprocess.run([*run, "decode_select", "--sass-dir", str(tmp_path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "decode_select" in done.stdout and "regs" in done.stdout and "spill stores" in done.stdout
+    counts = [int(n) for n in re.findall(r"sass: (\d+) instructions", done.stdout)]
+    assert counts and all(n > 100 for n in counts)
+    assert any(path.read_text().count("BAR.SYNC") for path in tmp_path.glob("decode_select_*.sass"))
+    bad = subprocess.run([*run, "no_such_kernel"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "kernel must be one of" in bad.stderr
