@@ -286,7 +286,7 @@ def attn_bwd_dkv_step(
 
     Everything is computed transposed (s^T = k q^T, [BN, BM]) so that p^T and ds^T feed their dots straight
     from registers: the row-major form (s = q k^T, then ``tl.trans(p)``) gave run-to-run different dk on sm_90
-    with Triton 3.6 (a few elements off by up to 7% of max|dk|; docs/kernels.md).
+    with Triton 3.6 (a few elements off by up to 13% of max|dk|; docs/kernels.md).
     """
     b_qt = tl.load(p_qt, mask=m_qt, other=0.0)  # [BK, BM]
     b_do = tl.load(p_do, mask=m_do, other=0.0)  # [BM, BV]

@@ -79,7 +79,8 @@ def configs_for(kernel: triton.runtime.Autotuner, dtype: torch.dtype) -> list[tr
 def check_mean_pool(p: NSAProblem, device: str) -> Callable[[], None]:
     """mean_pool of k_slc against the reference (value and gradient), then two repeats, bitwise."""
     x64 = p.tensors(device, torch.float64).k_slc
-    dy = torch.randn(mean_pool_shape(p), generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    shape = reference_mean_pool(x64, p.config).shape
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
 
     def run(fn: Callable, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x = x64.to(dtype).requires_grad_()
@@ -95,10 +96,6 @@ def check_mean_pool(p: NSAProblem, device: str) -> Callable[[], None]:
             assert torch.equal(again[0], y) and torch.equal(again[1], dx), "mean_pool differs between runs"
 
     return check
-
-
-def mean_pool_shape(p: NSAProblem) -> tuple[int, ...]:
-    return (p.batch, p.config.num_compressed(p.seq_len), p.kv_heads, p.head_dim_qk)
 
 
 def check_function(fn_name: str, p: NSAProblem, device: str) -> Callable[[], None]:

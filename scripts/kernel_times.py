@@ -41,17 +41,12 @@ def core_workload(config: str, seq_len: int, device: torch.device) -> Callable[[
     return run
 
 
-def decode_workload(config: str, batch: int, context: int, device: torch.device) -> Callable[[], None]:
+def decode_workload(config: str, batch: int, context: int, device: torch.device) -> Callable[[], object]:
     """One ``optimized.decode_attention`` step over a filled cache (``benchmarks.decode.optimized_step``)."""
-    step = decode.optimized_step(decode.make_problem(CONFIGS[config], batch, context, device, seed=batch))
-
-    def run() -> None:
-        step()
-
-    return run
+    return decode.optimized_step(decode.make_problem(CONFIGS[config], batch, context, device, seed=batch))
 
 
-def kernel_table(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[dict[str, Any]]:
+def kernel_table(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[dict[str, Any]]:
     """[{name, calls, us}] per iteration, largest first: device kernels on CUDA, CPU ops on the CPU."""
     cuda = device.type == "cuda"
     for _ in range(warmup):

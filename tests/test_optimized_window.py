@@ -59,7 +59,7 @@ def test_window_gpu_large(p: NSAProblem) -> None:
 def test_window_dkv_repeatable_gpu_large(group: int) -> None:
     """Every autotune choice of the dk/dv kernel gives bitwise-equal dk, dv on repeated launches (no race) and
     agrees with the first choice up to accumulation order. Under the row-major helper two choices gave
-    run-to-run different dk on sm_90, some elements off by 4% of max|dk| (docs/kernels.md)."""
+    run-to-run different dk on sm_90, some elements off by up to 13% of max|dk| (docs/kernels.md)."""
     T, H, D, scale = 4096, 2, 128, 128**-0.5
     gen = torch.Generator(device="cuda").manual_seed(group)
     q, do = (torch.randn(1, T, H * group, D, device="cuda", generator=gen).bfloat16() for _ in range(2))
