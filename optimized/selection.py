@@ -34,8 +34,9 @@ broadcast sum in fp32. The merge costs ``BT * BS * (BS + 3 NP) + BT * NP^2`` int
 :func:`select_tiles` keeps the comparison tiles small enough that nothing spills at G = 16, 4, 2 or 1
 (``ptxas -v``: ``scripts/spills.py``). Measured (H100 at 64k, Nsight
 Compute, ``docs/performance.md``): the kernel is bound by integer instructions (the ALU pipe at 65%, 254
-registers, 12.5% occupancy), not by its matmuls or memory; hence the per-row visibility counts and the
-overlap weights built once per program.
+registers, 12.5% occupancy), not by its matmuls or memory; hence the per-row visibility counts, the
+overlap weights built once per program, and no visibility mask on the tiles that every row sees whole (all
+but the last chunk's of a tile of positions: 128 of the ~900 instructions per tile, by SASS).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def select_blocks_kernel(
     n_vis_r = tl.where(m_r & (p_rt + 1 >= L), (p_rt + 1 - L) // D + 1, 0)  # [BM] compressed blocks each row sees
     t_last = tl.minimum(t0 + BT, eos) - 1 - bos
     n_vis = tl.max(n_vis_r, axis=0)  # compressed blocks the last row sees
+    n_min = tl.min(n_vis_r, axis=0)  # ... and every row (0 if a row is padding)
     n_blk = t_last // LS + 1  # candidate blocks of the last row
     o_k = tl.arange(0, BK)
     m_k = o_k < DK
@@ -150,14 +152,16 @@ def select_blocks_kernel(
         o_j = j0 + o_s
         c_end = tl.minimum((j0 + BS) * R, n_vis)
         n_lim = tl.minimum(n_vis_r, c_end)  # [BM]
+        n_full = tl.minimum(n_min, c_end)  # blocks before it every row sees, inside the chunk
         for c0 in range(j0 * R, c_end, BC):
             o_i = c0 + o_c  # [BC] compressed blocks inside the sequence
             m_i = o_i < c_end
             p_k = k_cmp + (cbos + o_i).to(tl.int64)[None, :] * s_kt + i_h * s_kh + o_k[:, None]
             b_kt = tl.load(p_k, mask=m_k[:, None] & m_i[None, :], other=0.0)  # [BK, BC]
-            m_vis = o_i[None, :] < n_lim[:, None]  # [BM, BC]: block i ends at or before the row (Eq. 8)
             b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BM, BC]
-            b_p = tl.where(m_vis, tl.math.exp2(b_s * qk_scale - b_lse2[:, None]), 0.0)  # (Eq. 8)
+            b_p = tl.math.exp2(b_s * qk_scale - b_lse2[:, None])  # (Eq. 8)
+            if c0 + BC > n_full:  # some row does not see every block of the tile, or it passes the chunk: mask
+                b_p = tl.where(o_i[None, :] < n_lim[:, None], b_p, 0.0)  # [BM, BC]: block i ends by the row
             b_p = tl.sum(tl.reshape(b_p, (BT, GP, BC)), axis=1)  # [BT, BC] summed over the group (Eq. 10)
             if ONE_TILE:
                 b_w, b_next = b_w0, b_next0
