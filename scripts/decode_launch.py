@@ -1,12 +1,12 @@
 """Experiment: the decode step's time against its launch options, one knob at a time from the defaults.
 
-Knobs: ``num_warps`` of each of the four kernels (``optimized.decode.LAUNCH``) and the cache's split sizes
-(``split_tiles`` of the compressed pass, ``split_blocks`` of the sparse pass). Every variant is checked
-against the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per
+Knobs: ``num_warps`` and ``num_stages`` of each of the four kernels (``optimized.decode.LAUNCH``) and the
+cache's split sizes (``split_tiles`` of the compressed pass, ``split_blocks`` of the sparse pass). Every
+variant is checked against the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per
 variant; writes ``decode_launch.json`` to ``--out``.
 
     python scripts/decode_launch.py --contexts 65536 --batches 1 32 --warps select=4,16 compressed=8 \\
-        --split-tiles 1 2 4 --split-blocks 1 2 4
+        --stages compressed=3,4 --split-tiles 1 2 4 --split-blocks 1 2 4
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ from optimized import decode as kernels
 def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]:
     """(label, LAUNCH overrides, cache splits): the defaults, then each knob value on its own."""
     out: list[tuple[str, dict[str, dict[str, int]], dict[str, int]]] = [("default", {}, {})]
-    for spec in args.warps:
-        kernel, _, values = spec.partition("=")
-        if kernel not in kernels.LAUNCH:
-            raise SystemExit(f"--warps: kernel must be one of {sorted(kernels.LAUNCH)}, got {kernel!r}")
-        out += [(f"{kernel} num_warps={w}", {kernel: {"num_warps": int(w)}}, {}) for w in values.split(",")]
+    for option, specs in (("num_warps", args.warps), ("num_stages", args.stages)):
+        for spec in specs:
+            kernel, _, values = spec.partition("=")
+            if kernel not in kernels.LAUNCH:
+                flag = "--" + option.removeprefix("num_")
+                raise SystemExit(f"{flag}: kernel must be one of {sorted(kernels.LAUNCH)}, got {kernel!r}")
+            out += [(f"{kernel} {option}={v}", {kernel: {option: int(v)}}, {}) for v in values.split(",")]
     out += [(f"split_tiles={n}", {}, {"split_tiles": n}) for n in args.split_tiles]
     out += [(f"split_blocks={n}", {}, {"split_blocks": n}) for n in args.split_blocks]
     return out
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--config", default="default", choices=sorted(CONFIGS))
     p.add_argument("--warps", nargs="*", default=[], help="KERNEL=W1,W2 (kernels: compressed select sparse combine)")
+    p.add_argument("--stages", nargs="*", default=[], help="KERNEL=S1,S2 (pipeline stages)")
     p.add_argument("--split-tiles", type=int, nargs="*", default=[])
     p.add_argument("--split-blocks", type=int, nargs="*", default=[])
     p.add_argument("--budget-ms", type=float, default=100.0)
