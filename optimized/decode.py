@@ -47,7 +47,8 @@ One step is four kernels:
 2. ``decode_select_kernel``, grid $(B, H)$: merges the partial log-sum-exps, finishes Eq. 8-10
    $p_j = \sum_g 2^{r_g - \mathrm{lse}_g}\, u_{gj}$ and picks the top $n$ with the forced blocks (Eq. 11) by one
    bitonic ``tl.topk`` over the row of $\lceil (t + 1) / l' \rceil$ candidates (1024 at 64k), packed as
-   (score, index) keys.
+   (score, index) keys. The row stays in registers, and the loads do not wait for the sequence's length:
+   the entries past its candidates are masked out after loading.
 3. ``decode_sparse_kernel``, grid $(B, H, S_S)$: each split attends to ``split_blocks`` selected blocks or
    ``split_blocks`` $\cdot\, l'$ keys of the window, writing a partial.
 4. ``decode_combine_kernel``, grid $(B, H_Q)$: merges the partials of each branch per query head and
@@ -85,6 +86,7 @@ Compress = Callable[[torch.Tensor], torch.Tensor]  # phi: [..., l, D] -> [..., D
 TILE_BLOCKS = 16  # selection blocks per tile of the compressed pass (tl.dot needs >= 16 columns)
 CMP_PROGRAMS_PER_SM = 3  # the compressed pass: one wave of programs (about 3 fit on an SM at D = 128)
 SPARSE_PROGRAMS_PER_SM = 2  # the sparse pass: at least this many programs per SM
+SELECT_ENTRIES = 32768  # the select kernel's sel entries in registers at once (128 a thread at 8 warps)
 # Launch options per kernel (no autotuning: a step takes microseconds and its grids are fixed per cache;
 # chosen from per-kernel timings at 64k, batch 1 and 32, on an H200).
 LAUNCH: dict = {
@@ -191,9 +193,7 @@ def decode_select_kernel(
     cmp_l,
     sel,
     sel_ref,
-    scores,
     block_idx,
-    NSM,
     NT,
     H: tl.constexpr,
     G: tl.constexpr,
@@ -203,52 +203,57 @@ def decode_select_kernel(
     N_LOCAL: tl.constexpr,
     NC: tl.constexpr,
     BG: tl.constexpr,
+    BGC: tl.constexpr,
     BP: tl.constexpr,
     BJ: tl.constexpr,
-    BS: tl.constexpr,
     NSP: tl.constexpr,
     BSEL: tl.constexpr,
 ):
     """Selection scores (Eq. 8-10) and top-n (Eq. 11) of the newest token of sequence b, kv head h.
 
-    Reads the compressed pass's cmp_m / cmp_l [B, HQ, NC], sel [B, HQ, NT * BJ] and sel_ref [B, HQ, NT];
-    writes scores [B, H, NSM] fp32 (scratch) and block_idx [B, H, N_SEL] int32 (ascending, -1 padded).
+    Reads the compressed pass's cmp_m / cmp_l [B, HQ, NC], sel [B, HQ, NT * BJ] and sel_ref [B, HQ, NT]
+    (NT * BJ <= NSP); writes block_idx [B, H, N_SEL] int32 (ascending, -1 padded). The score row [NSP] never
+    leaves registers; the heads are summed BGC at a time (BG at once unless NSP is large).
     """
     i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     HQ: tl.constexpr = H * G
+    NT2: tl.constexpr = NSP // BJ  # tiles of the padded row
     t = tl.load(lengths + i_b) - 1
-    NS = t // LS + 1  # candidate blocks j <= t // l'
-    o_g, o_p = tl.arange(0, BG), tl.arange(0, BP)
-    m_g = o_g < G
-    o_row = i_b * HQ + i_h * G + o_g  # [BG]
+    NS = t // LS + 1  # candidate blocks j <= t // l'; the compressed pass wrote the tiles u < cdiv(NS, BJ)
+    o_gc, o_p, o_u, o_s = tl.arange(0, BGC), tl.arange(0, BP), tl.arange(0, NT2), tl.arange(0, NSP)
+    m_u, m_s = o_u < NT, o_s < NT * BJ  # [NT2], [NSP]: within the buffers
 
-    # lse of each head (log2 units) from the splits' partial (m, l)
-    b_m = tl.full([BG], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BG], dtype=tl.float32)
-    for p0 in range(0, NC, BP):
-        m_p = m_g[:, None] & (p0 + o_p < NC)[None, :]  # [BG, BP]
-        b_mp = tl.load(cmp_m + o_row[:, None] * NC + p0 + o_p[None, :], mask=m_p, other=float("-inf"))
-        b_lp = tl.load(cmp_l + o_row[:, None] * NC + p0 + o_p[None, :], mask=m_p, other=0.0)
-        b_m_new = tl.maximum(b_m, tl.max(b_mp, 1))
-        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-        b_l = b_l * tl.exp2(b_m - b_m_safe) + tl.sum(b_lp * tl.exp2(b_mp - b_m_safe[:, None]), 1)
-        b_m = b_m_new
-    b_lse2 = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), 0.0)  # no key: u = 0, r = 0
-
-    # Eq. 8-10: p_slc[j] = sum_g 2^(r_g - lse_g) u_gj, with r of the tile that holds block j
-    p_scores = scores + (i_b * H + i_h) * NSM
-    for j0 in tl.static_range(0, NSP, BS):  # unrolled (at most 8 tiles): their loads are in flight together
-        o_blk = j0 + tl.arange(0, BS)  # [BS]
-        m_gj = m_g[:, None] & (o_blk < NS)[None, :]  # [BG, BS]
-        b_u = tl.load(sel + o_row[:, None] * (NT * BJ) + o_blk[None, :], mask=m_gj, other=0.0)
-        b_r = tl.load(sel_ref + o_row[:, None] * NT + (o_blk // BJ)[None, :], mask=m_gj, other=0.0)
-        b_p = tl.sum(tl.exp2(b_r - b_lse2[:, None]) * b_u, 0)  # [BS]
-        tl.store(p_scores + o_blk, b_p, mask=o_blk < NS)
-    tl.debug_barrier()
+    b_p = tl.zeros([NT2, BJ], dtype=tl.float32)  # [NT2, BJ] group scores of blocks u * BJ + j
+    for g0 in range(0, BG, BGC):
+        m_g = g0 + o_gc < G
+        o_row = i_b * HQ + i_h * G + g0 + o_gc  # [BGC]
+        # masked by the buffers' bounds only, so that no load waits for lengths; the entries this step did
+        # not write (stale, or NaN in a fresh workspace) are replaced below, before any arithmetic
+        b_r = tl.load(sel_ref + o_row[:, None] * NT + o_u[None, :], mask=m_g[:, None] & m_u[None, :], other=0.0)
+        b_u = tl.load(sel + o_row[:, None] * (NT * BJ) + o_s[None, :], mask=m_g[:, None] & m_s[None, :], other=0.0)
+        # a fence for ptxas, which would otherwise hoist the cmp loads and wait for their reduction before issuing
+        # the loads above: two memory round trips instead of one
+        tl.debug_barrier()
+        # lse of each head (log2 units) from the splits' partial (m, l)
+        b_m = tl.full([BGC], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BGC], dtype=tl.float32)
+        for p0 in range(0, NC, BP):
+            m_p = m_g[:, None] & (p0 + o_p < NC)[None, :]  # [BGC, BP]
+            b_mp = tl.load(cmp_m + o_row[:, None] * NC + p0 + o_p[None, :], mask=m_p, other=float("-inf"))
+            b_lp = tl.load(cmp_l + o_row[:, None] * NC + p0 + o_p[None, :], mask=m_p, other=0.0)
+            b_m_new = tl.maximum(b_m, tl.max(b_mp, 1))
+            b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+            b_l = b_l * tl.exp2(b_m - b_m_safe) + tl.sum(b_lp * tl.exp2(b_mp - b_m_safe[:, None]), 1)
+            b_m = b_m_new
+        b_lse2 = tl.where(b_l > 0, b_m + tl.log2(tl.where(b_l > 0, b_l, 1.0)), 0.0)  # no key: u = 0, r = 0
+        b_r = tl.where((o_u * BJ < NS)[None, :], b_r, float("-inf"))  # [BGC, NT2] unwritten tiles weigh 0
+        b_u = tl.where((o_s < NS)[None, :], b_u, 0.0)  # [BGC, NSP]
+        # Eq. 8-10: p_slc[j] = sum_g 2^(r_gu - lse_g) u_gj, with r of the tile u that holds block j
+        b_w = tl.exp2(b_r - b_lse2[:, None])  # [BGC, NT2]
+        b_p += tl.sum(b_w[:, :, None] * tl.reshape(b_u, [BGC, NT2, BJ]), 0)
 
     # Eq. 11: forced blocks first, then the highest scores, ties to the lower index.
-    o_s = tl.arange(0, NSP)
-    b_row = tl.load(p_scores + o_s, mask=o_s < NS, other=0.0)  # [NSP]
+    b_row = tl.reshape(b_p, [NSP])  # [NSP], 0 past the candidates
     cur = t // LS
     m_forced = (o_s <= cur) & ((o_s < N_INIT) | (o_s > cur - N_LOCAL))
     # One bitonic top-k over keys (score bits << 32 | NSP - 1 - j): for scores >= 0 (and +inf) the bits of an
@@ -497,7 +502,7 @@ class DecodeCache:
     def workspace(self, num_q_heads: int) -> dict[str, torch.Tensor]:
         """The fp32 buffers a step's kernels pass to each other, allocated on the first step (per HQ)."""
         if num_q_heads not in self._workspaces:
-            B, _, H, DV = self.v_slc.shape
+            B, _, _, DV = self.v_slc.shape
             HQ, BV, NC, NP = num_q_heads, next_power_of_2(DV), self.num_cmp_splits, self.num_sparse_splits
             empty = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=self.lengths.device)
             self._workspaces[num_q_heads] = {
@@ -506,7 +511,6 @@ class DecodeCache:
                 "cmp_acc": empty(B, HQ, NC, BV),
                 "sel": empty(B, HQ, self.num_tiles * TILE_BLOCKS),  # per head and selection block, Eq. 8-9
                 "sel_ref": empty(B, HQ, self.num_tiles),  # per head and tile: the max score u is relative to
-                "scores": empty(B, H, self.config.num_select_blocks(self.max_len)),  # Eq. 10
                 "part_m": empty(B, HQ, NP),  # sparse pass: partial (max, sum, acc) per split
                 "part_l": empty(B, HQ, NP),
                 "part_acc": empty(B, HQ, NP, BV),
@@ -620,9 +624,9 @@ def decode_attention(
         NC=NC, BG=BG, BK=BK, BV=BV, BJ=TILE_BLOCKS, BH=BH, DOT_PRECISION=precision, **LAUNCH["compressed"],
     )  # fmt: skip
     decode_select_kernel[(B, H)](
-        cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], ws["scores"], block_idx, NSM, NT,
-        H=H, G=G, LS=LS, N_SEL=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, NC=NC, BG=BG,
-        BP=_pow2_at_most(NC, 64), BJ=TILE_BLOCKS, BS=min(NSP, max(256, NSP // 8)), NSP=NSP, BSEL=BSEL,
+        cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], block_idx, NT, H=H, G=G, LS=LS,
+        N_SEL=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, NC=NC, BG=BG,
+        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=TILE_BLOCKS, NSP=NSP, BSEL=BSEL,
         **LAUNCH["select"],
     )  # fmt: skip
     decode_sparse_kernel[(B, H, NSPLIT)](

@@ -58,8 +58,8 @@ KERNELS = {
     # the decode step's select kernel at 64k (1024 candidate blocks), one program per sequence and kv head
     "decode_select": (
         decode.decode_select_kernel,
-        dict(H=4, G=16, LS=64, N_SEL=16, N_INIT=1, N_LOCAL=2, NC=64, BG=16, BP=64, BJ=16, BS=256, NSP=1024, BSEL=16),
-        {name: "*fp32" for name in ("cmp_m", "cmp_l", "sel", "sel_ref", "scores")},
+        dict(H=4, G=16, LS=64, N_SEL=16, N_INIT=1, N_LOCAL=2, NC=64, BG=16, BGC=16, BP=64, BJ=16, NSP=1024, BSEL=16),
+        {name: "*fp32" for name in ("cmp_m", "cmp_l", "sel", "sel_ref")},
         decode.LAUNCH["select"],
     ),
     # the decode step's compressed pass (its time at batch 32: docs/performance.md)

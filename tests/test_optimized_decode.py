@@ -6,6 +6,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import reference
+from optimized import decode
 from optimized.decode import DecodeCache, decode_attention
 from reference.compression import mean_pool
 
@@ -44,9 +45,22 @@ def _expected_scores(x, b, T, config, lse):
     return reference.selection_scores(q, k, lse, config)[0]
 
 
+def _workspace_scores(ws, H):
+    """The selection scores (Eq. 8-10, float64) [B, H, NT * 16] from what the compressed pass left in the
+    workspace ws (the select kernel keeps its sum in registers): p_j = sum_g 2^(r_gu - lse_g) u_gj."""
+    m, l = ws["cmp_m"].double().cpu(), ws["cmp_l"].double().cpu()  # [B, HQ, NC] log2 units
+    m_max = m.amax(-1, keepdim=True)
+    m_max = torch.where(m_max == float("-inf"), 0.0, m_max)
+    l_sum = (l * torch.exp2(m - m_max)).sum(-1, keepdim=True)
+    lse = torch.where(l_sum > 0, m_max + torch.log2(l_sum.clamp_min(1e-300)), 0.0)  # no key: 0, as the kernel
+    u, r = ws["sel"].double().cpu(), ws["sel_ref"].double().cpu()  # [B, HQ, NT * 16], [B, HQ, NT]
+    p = torch.exp2(r.repeat_interleave(u.shape[-1] // r.shape[-1], -1) - lse) * u
+    return p.view(p.shape[0], H, -1, p.shape[-1]).sum(2)
+
+
 def _run_decode(x, prompts, steps, config, dtype, max_len, splits=(None, None)):
     """Decode ``steps`` tokens after the prompts: per step o [B, HQ, DV], block_idx [B, H, n] and the
-    selection scores [B, H, NS_max] the select kernel left in the cache's workspace (Eq. 10)."""
+    selection scores [B, H, NT * 16] rebuilt from the cache's workspace (Eq. 10)."""
     B, _, H, DK = x["k_slc"].shape
     split_tiles, split_blocks = splits
     cache = DecodeCache(
@@ -57,6 +71,8 @@ def _run_decode(x, prompts, steps, config, dtype, max_len, splits=(None, None)):
     def dev(t):
         return t.to(DEVICE, dtype)
 
+    for buf in cache.workspace(x["q"].shape[2]).values():  # entries a step does not write may hold anything
+        buf.fill_(float("nan"))
     names = ("k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win")
     cache.prefill(*(dev(x[n]) for n in names), lengths=prompts)
     outputs, indices, scores = [], [], []
@@ -67,7 +83,7 @@ def _run_decode(x, prompts, steps, config, dtype, max_len, splits=(None, None)):
         o, idx = decode_attention(new["q"], new["gates"], cache, return_block_idx=True)
         outputs.append(o[:, 0].double().cpu())
         indices.append(idx.cpu())
-        scores.append(cache.workspace(x["q"].shape[2])["scores"].double().cpu())  # a copy
+        scores.append(_workspace_scores(cache.workspace(x["q"].shape[2]), H))
         pos += 1
     return outputs, indices, scores
 
@@ -102,6 +118,16 @@ def test_decode_equals_parallel_forward(prompts, steps, G, dims, config, splits,
     ``splits`` = (split_tiles, split_blocks): the cache's defaults, or forced small so that the compressed
     pass (tiles of 16 selection blocks) and the sparse pass (selected blocks, window) run in several splits.
     """
+    _check_decode(prompts, steps, G, dims, config, splits, seed)
+
+
+def test_decode_select_sums_heads_in_groups(monkeypatch):
+    """Long score rows make the select kernel sum the heads a few at a time: forced to one at a time here."""
+    monkeypatch.setattr(decode, "SELECT_ENTRIES", 16)
+    _check_decode([90, 200], 2, 3, (16, 16), reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), (None, None), 2)
+
+
+def _check_decode(prompts, steps, G, dims, config, splits, seed):
     H, (DK, DV), dtype = 2, dims, torch.float32
     lengths = [p + steps for p in prompts]
     x = _problem(lengths, H, G, DK, DV, dtype, seed)
