@@ -212,7 +212,7 @@ if [[ -f $OUT/profile.log ]]; then
 fi
 if [[ -f $OUT/ab.log ]]; then
     echo "----- A/B (base = ab_base/, tree = the working tree)"
-    grep -E '^=== ab|^optimized from| ms ' "$OUT/ab.log" | grep -v timeout | tail -n 40
+    grep -E '^=== ab|^optimized from| ms |^B=' "$OUT/ab.log" | grep -v timeout | tail -n 40
 fi
 if [[ -f $OUT/tests.log ]]; then
     echo "----- test failures (first 40 lines)"
