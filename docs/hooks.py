@@ -13,7 +13,8 @@ never depends on a hand-kept list:
 * **Includes.** ``<!-- include: PATH -->`` inserts a Markdown file (PATH relative to ``docs/``), e.g. the
   tables that ``scripts/make_doc_figures.py`` generates.
 * **Benchmark results.** ``<!-- benchmark-results -->`` expands to the Markdown tables and the PNG plots
-  found in ``benchmarks/results/`` (or to a note that there are none yet); the PNGs are added to the site.
+  found in ``benchmarks/results/`` (plots also one folder down, e.g. ``h200/``; or to a note that there are
+  none yet); the PNGs are added to the site.
 * **Measured tables.** ``<!-- bench-json -->`` renders ``benchmarks/results/bench.json`` (written by
   ``python -m benchmarks.run``) as Markdown tables: NSA against each baseline, and the time per part.
 * **Lists.** ``<!-- notebook-list -->`` expands to a list of the notebooks that exist.
@@ -131,9 +132,7 @@ def on_files(files: Files, config) -> Files:
     # reads them through src_dir, which a generated file does not have.
     root = str(_root(config))
     paths = [p for p in _notebooks(config)]
-    results = _results_dir(config)
-    if results.is_dir():
-        paths += sorted(results.glob("*.png"))
+    paths += _result_plots(_results_dir(config))
     for path in paths:
         src = path.relative_to(root).as_posix()
         files.append(File(src, src_dir=root, dest_dir=config.site_dir, use_directory_urls=config.use_directory_urls))
@@ -190,10 +189,17 @@ def _api_modules(config, package: str) -> str:
     return "\n".join(blocks)
 
 
+def _result_plots(results: Path) -> list[Path]:
+    """The PNG plots in ``benchmarks/results/`` and one folder down (e.g. ``h200/``, another card's runs)."""
+    if not results.is_dir():
+        return []
+    return sorted(results.glob("*.png")) + sorted(results.glob("*/*.png"))
+
+
 def _benchmark_results(config, page) -> str:
     results = _results_dir(config)
     tables = sorted(results.glob("*.md")) if results.is_dir() else []
-    plots = sorted(results.glob("*.png")) if results.is_dir() else []
+    plots = _result_plots(results)
     if not tables and not plots:
         return (
             '!!! warning "Not yet measured"\n    `benchmarks/results/` holds no tables or plots yet. '
@@ -205,7 +211,8 @@ def _benchmark_results(config, page) -> str:
     for path in tables:
         parts.append(f"### `{path.name}`\n\n{path.read_text(encoding='utf-8').strip()}\n")
     for path in plots:
-        parts.append(f"![{path.stem}]({prefix}benchmarks/results/{path.name})\n")
+        name = path.relative_to(results).as_posix()  # h200/decode_default.png: another card's results
+        parts.append(f"![{name}]({prefix}benchmarks/results/{name})\n\n`{name}`\n")
     return "\n".join(parts)
 
 
