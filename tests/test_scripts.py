@@ -75,3 +75,21 @@ def test_spills_reports_registers_and_sass(tmp_path: Path) -> None:
     assert any(path.read_text().count("BAR.SYNC") for path in tmp_path.glob("decode_select_*.sass"))
     bad = subprocess.run([*run, "no_such_kernel"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "kernel must be one of" in bad.stderr
+
+
+def test_decode_launch_variants() -> None:
+    """decode_launch.py turns its knobs into one variant each: launch options per kernel, then cache splits."""
+    decode_launch = load_script("decode_launch")
+    args = decode_launch.argparse.Namespace(
+        warps=["select=4,16"], stages=["compressed=3"], split_tiles=[2], split_blocks=[]
+    )
+    assert decode_launch.variants(args) == [
+        ("default", {}, {}),
+        ("select num_warps=4", {"select": {"num_warps": 4}}, {}),
+        ("select num_warps=16", {"select": {"num_warps": 16}}, {}),
+        ("compressed num_stages=3", {"compressed": {"num_stages": 3}}, {}),
+        ("split_tiles=2", {}, {"split_tiles": 2}),
+    ]
+    args.stages = ["no_such_kernel=3"]
+    with pytest.raises(SystemExit, match="--stages: kernel must be one of"):
+        decode_launch.variants(args)
