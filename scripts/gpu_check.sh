@@ -7,6 +7,7 @@
 #   scripts/gpu_check.sh env ab               # same-card A/B of AB_CMD against ab_base/ (scripts/ab_prepare.sh)
 #   scripts/gpu_check.sh env profile          # device time per kernel (scripts/kernel_times.py, PROFILE_ARGS)
 #   scripts/gpu_check.sh env configs          # every autotune config of every kernel (scripts/check_configs.py)
+#   scripts/gpu_check.sh env ncu              # Nsight Compute on one kernel (NCU_KERNEL, NCU_CMD; clocks untouched)
 #
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
 # BUDGET_S seconds (default 570, under the 10-minute limit of one GPU command): a step gets at most what
@@ -174,6 +175,20 @@ if want profile; then
         ${PROFILE_ARGS:---core default 65536 --decode default 1 65536 --decode default 32 65536}
 fi
 
+if want ncu; then
+    # hardware counters of one kernel launch (not in the default steps): by default the decode step's compressed
+    # pass at batch 32 and 64k. --clock-control none: the card's clocks are never changed (device METHOD.md)
+    NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null)
+    if [[ -z $NCU ]]; then
+        printf '%-34s %-14s\n' "ncu" "SKIPPED no ncu" >>"$SUMMARY"
+    else
+        # shellcheck disable=SC2086 # NCU_CMD is a list of arguments
+        run_step "ncu ${NCU_KERNEL:-decode_compressed}" "${NCU_TIMEOUT:-150}" "$OUT/ncu.log" "$NCU" --clock-control none \
+            --set "${NCU_SET:-detailed}" -k "regex:${NCU_KERNEL:-decode_compressed}" -c "${NCU_COUNT:-1}" "$PY" \
+            ${NCU_CMD:-scripts/kernel_times.py --decode default 32 65536 --warmup 0 --iters 1}
+    fi
+fi
+
 if want ab; then
     # same-card A/B: AB_CMD (a python script and its flags, relative to a repository root) under ab_base/ (made
     # by scripts/ab_prepare.sh REV) and under the working tree, alternately, twice each
@@ -209,6 +224,11 @@ fi
 if [[ -f $OUT/profile.log ]]; then
     echo "----- device time per kernel"
     grep -E '^(==|  )' "$OUT/profile.log" | head -n 60
+fi
+if [[ -f $OUT/ncu.log ]]; then
+    echo "----- Nsight Compute (main metrics)"
+    grep -E '^  [a-z_]+_kernel|Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit' \
+        "$OUT/ncu.log" | head -n 40
 fi
 if [[ -f $OUT/ab.log ]]; then
     echo "----- A/B (base = ab_base/, tree = the working tree)"
