@@ -9,7 +9,8 @@ Writes ``speedup_<config>.png`` (forward and backward panels; bars per baseline,
 A100 numbers against FlashAttention-2 as markers) and ``breakdown_<config>.png`` (stacked time of the
 compressed, selection, selected and window parts' shares, with the times in ms above the bars); with
 ``--decode``, ``decode_<config>.png`` from one or more ``decode.json`` files of the same card (records of a
-later file replace those of an earlier one at the same batch and context).
+later file replace those of an earlier one at the same batch and context), and per batch the fit of the NSA
+step to a fixed latency plus its bytes at a marginal bandwidth (:func:`latency_model`, also in the legend).
 """
 
 from __future__ import annotations
@@ -119,8 +120,29 @@ def decode_rows(datas: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, 
             if full and nsa:
                 best = min(nsa, key=lambda r: r["us"])
                 rows[key] = {"nsa_us": best["us"], "full_us": min(r["us"] for r in full),
-                             "tokens_ratio": key[1] / best["tokens_read"]}  # fmt: skip
+                             "tokens_ratio": key[1] / best["tokens_read"], "nsa_bytes": best["bytes"]}  # fmt: skip
     return rows
+
+
+def latency_model(rows: dict[tuple[int, int], dict[str, float]]) -> dict[int, dict[str, float]]:
+    """Per batch with at least 3 contexts: the least-squares fit us = fixed_us + bytes / tbps of the NSA step
+    (``decode_rows``), i.e. a fixed latency (launches, dependent round trips, the serial select) plus the bytes
+    the step must read at a marginal bandwidth; max_resid_us says how well the line fits."""
+    out = {}
+    for batch in sorted({b for b, _ in rows}):
+        pts = [(rows[key]["nsa_bytes"], rows[key]["nsa_us"]) for key in sorted(rows) if key[0] == batch]
+        if len(pts) < 3:
+            continue
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+        slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)  # us per byte
+        fixed = my - slope * mx
+        out[batch] = {
+            "fixed_us": fixed,
+            "tbps": 1e-6 / slope if slope > 0 else float("inf"),  # bytes per us -> TB/s
+            "max_resid_us": max(abs(fixed + slope * x - y) for x, y in pts),
+        }
+    return out
 
 
 def plot_decode(datas: list[dict[str, Any]], path: Path) -> bool:
@@ -130,11 +152,14 @@ def plot_decode(datas: list[dict[str, Any]], path: Path) -> bool:
     if not rows:
         return False
     cards = sorted({d["env"]["card"] for d in datas})
+    fits = latency_model(rows)
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
     for i, batch in enumerate(sorted({b for b, _ in rows})):
         ctx = sorted(c for b, c in rows if b == batch)
         color = f"C{i}"
-        ax_t.plot(ctx, [rows[batch, c]["nsa_us"] for c in ctx], "o-", color=color, label=f"NSA, batch {batch}")
+        fit = fits.get(batch)
+        model = f" ({fit['fixed_us']:.1f} µs + bytes / {fit['tbps']:.2f} TB/s)" if fit else ""
+        ax_t.plot(ctx, [rows[batch, c]["nsa_us"] for c in ctx], "o-", color=color, label=f"NSA, batch {batch}{model}")
         ax_t.plot(ctx, [rows[batch, c]["full_us"] for c in ctx], "s--", color=color, label=f"full, batch {batch}")
         speed = [rows[batch, c]["full_us"] / rows[batch, c]["nsa_us"] for c in ctx]
         ax_s.plot(ctx, speed, "o-", color=color, label=f"batch {batch}")
@@ -185,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         path = (args.out or args.decode[0].parent) / f"decode_{datas[-1]['config']}.png"
         if plot_decode(datas, path):
             print("wrote", path)
+        for batch, fit in latency_model(decode_rows(datas)).items():
+            print(f"batch {batch:3d}: NSA step = {fit['fixed_us']:.1f} us + bytes / {fit['tbps']:.2f} TB/s"
+                  f" (largest residual {fit['max_resid_us']:.1f} us)")  # fmt: skip
         return 0
     data = json.loads(args.json.read_text())
     for path in make_plots(data, args.out or args.json.parent):

@@ -243,3 +243,15 @@ def test_autotune_choices_name_each_tuned_kernel() -> None:
         del kernel.cache[key]
     assert choices["optimized.selection.select_blocks_kernel"] == {repr(key): str(kernel.configs[0])}
     assert "optimized.selection.select_blocks_kernel" not in run.autotune_choices()
+
+
+def test_decode_latency_model_recovers_a_line() -> None:
+    """latency_model fits us = fixed + bytes / bandwidth per batch, and skips a batch with fewer than 3 contexts."""
+    rows = {(1, c): {"nsa_us": 14.0 + c * 2e6 / 1.8e6, "nsa_bytes": c * 2e6} for c in (1, 2, 4, 8)}
+    rows[1, 2]["nsa_us"] += 0.3  # one point off the line
+    rows |= {(32, c): {"nsa_us": 10.0, "nsa_bytes": 1.0} for c in (1, 2)}
+    fits = plot.latency_model(rows)
+    assert set(fits) == {1}
+    assert fits[1]["fixed_us"] == pytest.approx(14.0, abs=0.5)
+    assert fits[1]["tbps"] == pytest.approx(1.8, rel=0.05)
+    assert 0.1 < fits[1]["max_resid_us"] < 0.3
