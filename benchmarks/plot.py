@@ -21,9 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from .run import BASELINES, speedups
@@ -205,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", type=Path, nargs="+", help="decode.json files: plot these instead of --json")
     p.add_argument("--out", type=Path, help="directory for the PNGs (default: the (first) JSON's directory)")
     args = p.parse_args(argv)
+    plt.switch_backend("Agg")  # files only (here, not at import: a notebook imports these functions)
     if args.decode:
         datas = [json.loads(f.read_text()) for f in args.decode]
         path = (args.out or args.decode[0].parent) / f"decode_{datas[-1]['config']}.png"
