@@ -55,7 +55,8 @@ One step is four kernels:
    applies the gates (Eq. 5).
 
 The selection cannot fold into the combine (the sparse pass needs its block indices first), so four
-launches is the minimum for this dependency chain without inter-program synchronisation. At batch 1 the
+launches is the minimum for this dependency chain without inter-program synchronisation or redundant work
+(docs/decoding.md lists the options; the performance log, a written three-launch candidate). At batch 1 the
 launches and the serial select program dominate: on an H200 at 64k the four kernels take 5.8, 4.6, 3.4
 and 4.1 us (batch 32: 98.9, 6.6, 30.5 and 9.0 us).
 """

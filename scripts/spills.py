@@ -65,8 +65,7 @@ KERNELS = {
     # the decode step's compressed pass (its time at batch 32: docs/performance.md)
     "decode_compressed": (
         decode.decode_compressed_kernel,
-        dict(H=4, G=16, DK=128, DV=128, L=32, D=16, LS=64, NC=3, BG=16, BK=128, BV=128, BJ=16, BH=16)
-        | {"DOT_PRECISION": "tf32"},
+        {**DIMS, "L": 32, "D": 16, "LS": 64, "NC": 3, "BG": 16, "BJ": 16, "BH": 16},
         {name: "*fp32" for name in ("cmp_m", "cmp_l", "cmp_acc", "sel", "sel_ref")} | {"v_cmp": "*bf16"},
         decode.LAUNCH["compressed"],
     ),
