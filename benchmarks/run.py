@@ -443,6 +443,7 @@ def records_for(
                 "ms": t.median_ms,
                 "min_ms": t.min_ms,
                 "reps": t.reps,
+                "host_ms": t.host_ms,
                 "flops": n,
                 "tflops": tflops,
                 "pct_peak": None if tflops is None else 100 * tflops / peak_tflops,
@@ -608,7 +609,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "conventions": {
             "flops": "2*B*HQ*(DK+DV) per (query, key) pair the sparse pattern needs; selection = q.k recompute only",
             "bwd_flops": "2.5 x fwd",
-            "fwd": "forward with autograd recording, median of CUDA-event-timed calls after a warm-up call",
+            "fwd": "forward with autograd recording, median of CUDA-event-timed calls issued back to back after a "
+            "warm-up call; host_ms: the host's launch time per call",
             "bwd": "backward alone on a retained graph unless a record's method says otherwise",
             "baselines": "full causal attention on q, k_slc, v_slc; GQA per checks[config][baseline].mode",
         },

@@ -1,7 +1,10 @@
 """Timing helpers shared by ``run.py`` and ``decode.py``: CUDA events on the GPU, a host clock on the CPU.
 
 On the GPU every call is bracketed by CUDA events after an untimed warm-up call; the number of timed
-calls follows from the first timed call and a per-measurement budget; the median is reported.
+calls follows from one synchronised call and a per-measurement budget; the median is reported. The
+timed calls are issued back to back, as a training or decoding loop issues them, and the host waits once
+at the end: a call's time is the device's, plus any gap where the host launches its kernels slower than
+the device runs them. The host's own time per call (launch overhead) is reported beside it.
 On the CPU (smoke tests only) ``time.perf_counter`` replaces the events.
 """
 
@@ -17,11 +20,12 @@ import torch
 
 @dataclass(frozen=True)
 class Timing:
-    """Median, minimum and count of the timed calls, in milliseconds."""
+    """Median, minimum and count of the timed calls, in milliseconds; host_ms: host time per call."""
 
     median_ms: float
     min_ms: float
     reps: int
+    host_ms: float | None = None
 
 
 class Budget:
@@ -75,11 +79,21 @@ def time_calls(
     for fn in fns:
         fn()
     synchronize(device)
-    times = [_time_one(fns[0], device)]
-    reps = max(min_reps, min(max_reps, int(budget_ms / max(times[0], 1e-3))))
-    for i in range(1, reps):
-        times.append(_time_one(fns[i % len(fns)], device))
-    return Timing(statistics.median(times), min(times), len(times))
+    first = _time_one(fns[0], device)
+    reps = max(min_reps, min(max_reps, int(budget_ms / max(first, 1e-3))))
+    if device.type != "cuda":
+        times = [first] + [_time_one(fns[i % len(fns)], device) for i in range(1, reps)]
+        return Timing(statistics.median(times), min(times), len(times))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    t0 = time.perf_counter()
+    for i, (start, end) in enumerate(events):
+        start.record()
+        fns[i % len(fns)]()
+        end.record()
+    host_ms = 1e3 * (time.perf_counter() - t0) / reps
+    events[-1][1].synchronize()
+    times = [start.elapsed_time(end) for start, end in events]
+    return Timing(statistics.median(times), min(times), reps, host_ms)
 
 
 def time_graph(
@@ -113,7 +127,8 @@ def time_graph(
         synchronize(device)
         return time_calls(fns, device, budget_ms=budget_ms, min_reps=min_reps), "events"
     timing = time_calls([graph.replay], device, budget_ms=budget_ms, min_reps=min_reps)
-    per_call = Timing(timing.median_ms / calls_per_graph, timing.min_ms / calls_per_graph, timing.reps)
+    host_ms = None if timing.host_ms is None else timing.host_ms / calls_per_graph
+    per_call = Timing(timing.median_ms / calls_per_graph, timing.min_ms / calls_per_graph, timing.reps, host_ms)
     return per_call, "cuda_graph"
 
 

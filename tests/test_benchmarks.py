@@ -209,6 +209,19 @@ def test_baseline_check_and_graph_timing_on_the_gpu() -> None:
     assert method == "cuda_graph" and timing.median_ms > 0
 
 
+@pytest.mark.gpu
+def test_back_to_back_timing_measures_the_device_not_the_queue() -> None:
+    """Calls issued back to back: each time is its own device time (not its wait in the queue), the host's
+    launch time per call is reported beside it and is far below a long kernel's."""
+    device = torch.device("cuda")
+    x = torch.randn(1 << 24, device=device)
+    one = time_calls([lambda: x.mul(2.0)], device, budget_ms=20.0, min_reps=8)
+    ten = time_calls([lambda: [x.mul(2.0) for _ in range(10)]], device, budget_ms=20.0, min_reps=8)
+    assert one.reps >= 8 and one.host_ms is not None
+    assert 5 * one.median_ms < ten.median_ms < 20 * one.median_ms  # queued calls do not add up
+    assert ten.host_ms < ten.median_ms
+
+
 def test_bounds_gather_reads_the_selected_tokens() -> None:
     """The gather kernel sums exactly the K/V tokens s <= t of each selected block, and its byte count agrees."""
     from benchmarks import bounds
