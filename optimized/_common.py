@@ -327,6 +327,25 @@ def attn_bwd_preprocess_kernel(
     tl.store(delta + o_r, b_delta, mask=m_r)
 
 
+def attn_bwd_delta(
+    o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None, o_dot_do: torch.Tensor | None
+) -> torch.Tensor:
+    """delta = rowsum(o * do) - dlse, from ``o_dot_do`` = rowsum(o * do) when a caller already has it (the fused
+    combine's backward computes it in the pass that writes do), else by :func:`attn_bwd_preprocess`."""
+    if o_dot_do is None:
+        return attn_bwd_preprocess(o, do, dlse)
+    return o_dot_do - dlse if dlse is not None else o_dot_do
+
+
+@triton.jit
+def store_dq(dq, dq_prev, p_dq, b_dq, m_dq, scale, HAS_DQ_PREV: tl.constexpr):
+    """dq = scale * b_dq (+ dq_prev): a branch's dq, summed in fp32 with the dq of the branches before it."""
+    b_dq = b_dq * scale
+    if HAS_DQ_PREV:
+        b_dq += tl.load(dq_prev + p_dq, mask=m_dq, other=0.0).to(tl.float32)
+    tl.store(dq + p_dq, b_dq.to(dq.dtype.element_ty), mask=m_dq)
+
+
 def attn_bwd_preprocess(o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None = None) -> torch.Tensor:
     """delta = rowsum(o * do) - dlse, fp32 of shape o.shape[:-1] (e.g. [B, T, HQ]).
 

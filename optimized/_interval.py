@@ -35,15 +35,16 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
+    attn_bwd_delta,
     attn_bwd_dkv_step,
     attn_bwd_dq_step,
-    attn_bwd_preprocess,
     attn_fwd_finish,
     attn_fwd_step,
     config_list,
     dot_precision,
     next_power_of_2,
     prune_by_precision,
+    store_dq,
     tune_bucket,
 )
 
@@ -314,6 +315,7 @@ def interval_bwd_dq_kernel(
     lse,
     delta,
     dq,
+    dq_prev,
     q_lo,
     q_hi,
     scale,
@@ -328,10 +330,11 @@ def interval_bwd_dq_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_DQ_PREV: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
 ):
-    """dq [B, T, HQ, DK] for one tile of BM rows: the forward's grid and key loops."""
+    """dq [B, T, HQ, DK] (plus dq_prev, if HAS_DQ_PREV) for one tile of BM rows: the forward's grid and key loops."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     HQ = H * G
@@ -427,7 +430,7 @@ def interval_bwd_dq_kernel(
         True,
         DOT_PRECISION,
     )
-    tl.store(dq + o_row[:, None] * DK + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rk)
+    store_dq(dq, dq_prev, o_row[:, None] * DK + o_k[None, :], b_dq, m_rk, scale, HAS_DQ_PREV)
 
 
 @triton.jit
@@ -727,22 +730,30 @@ def interval_attention_bwd(
     k_last: torch.Tensor,
     scale: float,
     split_rows: int,
+    o_dot_do: torch.Tensor | None = None,
+    dq_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of interval attention; dlse [B, T, HQ] is the gradient of lse (or None).
 
     k_first/k_last int32 [S]: the queries that see key s are [k_first[s], k_last[s]). ``split_rows`` > 0
     splits each key tile's query rows into chunks of that many rows, one program each, summed with fp32
     atomics: for keys seen by very many queries (compressed blocks); 0 keeps one program per key tile.
+    Fused callers pass ``o_dot_do`` = rowsum(o * do) fp32 [B, T, HQ] (else computed here) and ``dq_prev``
+    (like q): the returned dq is then dq_prev plus this branch's, summed in the dq kernel.
     """
     q, k, v, do, lse = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous(), lse.contiguous()
     B, T, HQ, _ = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
     meta = _meta(q, k, v)
-    delta = attn_bwd_preprocess(o, do, dlse)  # [B, T, HQ]
+    delta = attn_bwd_delta(o, do, dlse, o_dot_do)  # [B, T, HQ]
     dq = torch.empty_like(q)
+    has_prev = dq_prev is not None
     grid_q = lambda meta: (triton.cdiv(T * G, meta["BM"]), B * H)
-    interval_bwd_dq_kernel[grid_q](q, k, v, do, lse, delta, dq, q_lo, q_hi, scale, T, S, **meta)
+    interval_bwd_dq_kernel[grid_q](
+        q, k, v, do, lse, delta, dq, dq_prev.contiguous() if has_prev else dq, q_lo, q_hi, scale, T, S,
+        HAS_DQ_PREV=has_prev, **meta,
+    )  # fmt: skip
     splits = triton.cdiv(T * G, split_rows) if split_rows > 0 else 1
     atomic = splits > 1
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else torch.empty_like(k)
@@ -787,6 +798,8 @@ def _(
     k_last: torch.Tensor,
     scale: float,
     split_rows: int,
+    o_dot_do: torch.Tensor | None = None,
+    dq_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 

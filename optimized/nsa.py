@@ -6,12 +6,15 @@ The three branch kernels live in ``compressed.py``/``_interval.py``, ``selection
 ``window.py``; this module chains them (the selection reads the compressed branch's log-sum-exp and has no
 gradient) and adds one fused combine kernel: the forward reads the three branch outputs and the gates once
 and writes ``o``; the backward reads ``do``, the gates and the three outputs once and writes, in the same
-pass, ``dgates = rowsum(do * o_c)`` and the three branch gradients ``do_c = g_c do`` that the branch
-backwards consume.
+pass, ``dgates = rowsum(do * o_c)``, the three branch gradients ``do_c = g_c do`` and their rowsums
+``rowsum(o_c * do_c)``.
 
+The core is one autograd node (:class:`NSACore`), so that its backward can use those rowsums (each branch
+backward would otherwise re-read ``o_c`` and ``do_c`` for them: three passes of ``2 T HQ DV`` elements) and let
+each branch's dq kernel add the previous branch's dq (instead of two more passes that sum them).
 :func:`nsa_attention` checks its inputs once (``check_nsa_inputs``, ``cu_seqlens`` included) and calls the
-branches' unchecked cores (``compressed_core``, ``select_core``, ``window_core``), not the public functions,
-which would check ``cu_seqlens`` again (a host sync each in eager mode).
+custom ops directly, not the public branch functions, which would check ``cu_seqlens`` again (a host sync
+each in eager mode).
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ from reference.config import NSAConfig
 from reference.nsa import NSAOutput
 
 from ._common import check_kernel_device, check_kernel_dtype, is_interpreting, next_power_of_2
-from .compressed import compressed_core
-from .selected import SelectedAttention
+from .compressed import DKV_SPLIT_ROWS, compressed_interval_bounds
 from .selection import select_core
-from .window import window_core
+from .window import window_bounds
 
 
 @triton.jit
@@ -69,12 +71,18 @@ def combine_bwd_kernel(
     do_cmp,  # [R, DV]
     do_slc,
     do_win,
+    r_cmp,  # [R] float32
+    r_slc,
+    r_win,
     R,
     DV: tl.constexpr,
     BR: tl.constexpr,
     BV: tl.constexpr,
 ):
-    """dgates[:, c] = rowsum(do * o_c) and do_c = g_c do, one pass over BR rows."""
+    """dgates[:, c] = rowsum(do * o_c), do_c = g_c do and r_c = rowsum(o_c * do_c), one pass over BR rows.
+
+    r_c is the branch backward's rowsum(o * do) (the softmax-gradient term delta), from the do_c it stores.
+    """
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # [BR]
     o_v = tl.arange(0, BV)
     m_r = o_r < R
@@ -83,15 +91,17 @@ def combine_bwd_kernel(
     b_do = tl.load(do + p_x, mask=m_rv, other=0.0).to(tl.float32)  # [BR, BV]
     for c in tl.static_range(3):
         if c == 0:
-            p_in, p_out = o_cmp, do_cmp
+            p_in, p_out, p_r = o_cmp, do_cmp, r_cmp
         elif c == 1:
-            p_in, p_out = o_slc, do_slc
+            p_in, p_out, p_r = o_slc, do_slc, r_slc
         else:
-            p_in, p_out = o_win, do_win
+            p_in, p_out, p_r = o_win, do_win, r_win
         b_g = tl.load(gates + o_r * 3 + c, mask=m_r, other=0.0).to(tl.float32)  # [BR]
         b_x = tl.load(p_in + p_x, mask=m_rv, other=0.0).to(tl.float32)  # [BR, BV]
         tl.store(dgates + o_r * 3 + c, tl.sum(b_do * b_x, axis=1).to(dgates.dtype.element_ty), mask=m_r)
-        tl.store(p_out + p_x, (b_g[:, None] * b_do).to(p_out.dtype.element_ty), mask=m_rv)
+        b_doc = (b_g[:, None] * b_do).to(p_out.dtype.element_ty)  # [BR, BV]
+        tl.store(p_out + p_x, b_doc, mask=m_rv)
+        tl.store(p_r + o_r, tl.sum(b_x * b_doc.to(tl.float32), axis=1), mask=m_r)
 
 
 def _rows(DV: int) -> tuple[int, int]:
@@ -118,28 +128,37 @@ def _(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torc
     return torch.empty_like(o_cmp)
 
 
+_SEVEN = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]  # custom ops need the arity spelled out
+
+
 @torch.library.custom_op("nsa::combine_gates_bwd", mutates_args=())
 def combine_gates_bwd(
     gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor, do: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dgates [B, T, HQ, 3], do_cmp, do_slc, do_win [B, T, HQ, DV]) in one pass."""
+) -> _SEVEN:
+    """(dgates [B, T, HQ, 3], do_cmp, do_slc, do_win [B, T, HQ, DV], r_cmp, r_slc, r_win [B, T, HQ] fp32) in one
+    pass; r_c = rowsum(o_c * do_c), which the branch backwards of :class:`NSACore` take instead of recomputing."""
     gates, o_cmp, o_slc, o_win, do = (x.contiguous() for x in (gates, o_cmp, o_slc, o_win, do))
     DV = o_cmp.shape[-1]
     R = o_cmp.numel() // DV
     dgates = torch.empty_like(gates)
     d_cmp, d_slc, d_win = torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_win)
+    r_cmp, r_slc, r_win = (o_cmp.new_empty(o_cmp.shape[:-1], dtype=torch.float32) for _ in range(3))
     BR, BV = _rows(DV)
     combine_bwd_kernel[(triton.cdiv(R, BR),)](
-        gates, o_cmp, o_slc, o_win, do, dgates, d_cmp, d_slc, d_win, R, DV=DV, BR=BR, BV=BV
+        gates, o_cmp, o_slc, o_win, do, dgates, d_cmp, d_slc, d_win, r_cmp, r_slc, r_win, R, DV=DV, BR=BR, BV=BV
     )
-    return dgates, d_cmp, d_slc, d_win
+    return dgates, d_cmp, d_slc, d_win, r_cmp, r_slc, r_win
 
 
 @combine_gates_bwd.register_fake
-def _(
-    gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor, do: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.empty_like(gates), torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_win)
+def _(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor, do: torch.Tensor) -> _SEVEN:
+    rowsum = lambda: o_cmp.new_empty(o_cmp.shape[:-1], dtype=torch.float32)
+    return (
+        torch.empty_like(gates), torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_win),
+        rowsum(), rowsum(), rowsum(),
+    )  # fmt: skip
 
 
 class CombineGates(torch.autograd.Function):
@@ -158,12 +177,93 @@ class CombineGates(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, do: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.ops.nsa.combine_gates_bwd(*ctx.saved_tensors, do)
+        return torch.ops.nsa.combine_gates_bwd(*ctx.saved_tensors, do)[:4]
 
 
 def combine_gates(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torch.Tensor) -> torch.Tensor:
     """Eq. 5: ``sum_c gates[..., c] * o_c`` in float32, returned in the branches' dtype. gates [B, T, HQ, 3]."""
     return CombineGates.apply(gates, o_cmp, o_slc, o_win)
+
+
+class NSACore(torch.autograd.Function):
+    """The whole core as one autograd node, so that its backward can fuse across the branches.
+
+    Forward: the three branch forwards, the selection and the combine (the same custom ops as the per-branch
+    functions). Backward: the combine's pass also writes each branch's rowsum(o * do) (the softmax-gradient
+    term that each branch backward would otherwise compute in a pass of its own), and each dq kernel adds the
+    dq of the branch before it (window, then selected, then compressed), so no separate sums of dq are run.
+    Every output is differentiable but ``block_idx``: gradients that reach the branch outputs or ``lse``
+    directly (``return_aux``) are added to the combine's.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k_cmp: torch.Tensor,
+        v_cmp: torch.Tensor,
+        k_slc: torch.Tensor,
+        v_slc: torch.Tensor,
+        k_win: torch.Tensor,
+        v_win: torch.Tensor,
+        gates: torch.Tensor,
+        bounds_cmp: tuple[torch.Tensor, ...],
+        bounds_win: tuple[torch.Tensor, ...],
+        cu_seqlens: torch.Tensor | None,
+        config: NSAConfig,
+        scale: float,
+    ) -> tuple[torch.Tensor, ...]:
+        nsa = torch.ops.nsa
+        o_cmp, lse = nsa.interval_attention_fwd(q, k_cmp, v_cmp, bounds_cmp[0], bounds_cmp[1], scale)
+        block_idx = select_core(q, k_cmp, lse, config, scale, cu_seqlens)  # Eq. 8-11, no gradient
+        o_slc, lse_slc = nsa.selected_attention_fwd(q, k_slc, v_slc, block_idx, cu_seqlens, config.select_block, scale)
+        o_win, lse_win = nsa.interval_attention_fwd(q, k_win, v_win, bounds_win[0], bounds_win[1], scale)
+        o = nsa.combine_gates_fwd(gates, o_cmp, o_slc, o_win)  # Eq. 5
+        ctx.save_for_backward(
+            q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, o_cmp, lse, o_slc, lse_slc, o_win, lse_win,
+            block_idx, cu_seqlens, *bounds_cmp, *bounds_win,
+        )  # fmt: skip
+        ctx.select_block, ctx.scale = config.select_block, scale
+        ctx.mark_non_differentiable(block_idx)
+        ctx.set_materialize_grads(False)
+        return o, o_cmp, o_slc, o_win, lse, block_idx
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        do: torch.Tensor | None,
+        do_cmp_aux: torch.Tensor | None,
+        do_slc_aux: torch.Tensor | None,
+        do_win_aux: torch.Tensor | None,
+        dlse: torch.Tensor | None,
+        _: None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, o_cmp, lse, o_slc, lse_slc, o_win, lse_win = (
+            ctx.saved_tensors[:14]
+        )
+        block_idx, cu_seqlens = ctx.saved_tensors[14:16]
+        bounds_cmp, bounds_win = ctx.saved_tensors[16:20], ctx.saved_tensors[20:24]
+        nsa, scale = torch.ops.nsa, ctx.scale
+        if do is None:
+            do = torch.zeros_like(o_cmp)
+        dgates, do_cmp, do_slc, do_win, r_cmp, r_slc, r_win = nsa.combine_gates_bwd(gates, o_cmp, o_slc, o_win, do)
+        # a gradient that reached a branch output directly: the branch recomputes its rowsum from the sum
+        if do_cmp_aux is not None:
+            do_cmp, r_cmp = do_cmp + do_cmp_aux, None
+        if do_slc_aux is not None:
+            do_slc, r_slc = do_slc + do_slc_aux, None
+        if do_win_aux is not None:
+            do_win, r_win = do_win + do_win_aux, None
+        dq, dk_win, dv_win = nsa.interval_attention_bwd(
+            q, k_win, v_win, o_win, lse_win, do_win, None, *bounds_win, scale, 0, r_win, None
+        )
+        dq, dk_slc, dv_slc = nsa.selected_attention_bwd(
+            q, k_slc, v_slc, o_slc, lse_slc, do_slc, block_idx, cu_seqlens, ctx.select_block, scale, r_slc, dq
+        )
+        dq, dk_cmp, dv_cmp = nsa.interval_attention_bwd(
+            q, k_cmp, v_cmp, o_cmp, lse, do_cmp, dlse, *bounds_cmp, scale, DKV_SPLIT_ROWS, r_cmp, dq
+        )
+        return dq, dk_cmp, dv_cmp, dk_slc, dv_slc, dk_win, dv_win, dgates, None, None, None, None, None
 
 
 def nsa_attention(
@@ -192,13 +292,12 @@ def nsa_attention(
     check_kernel_dtype("q", q)
     check_kernel_device("q", q)
     scale = check_scale(scale, q.shape[-1])
-    o_cmp, lse = compressed_core(q, k_cmp, v_cmp, config, scale, cu_seqlens)
-    block_idx = select_core(q, k_cmp, lse, config, scale, cu_seqlens)  # Eq. 8-11, no gradient
-    o_slc = SelectedAttention.apply(  # Eq. 12; block_idx comes from select_blocks, no need to check it
-        q, k_slc, v_slc, block_idx, cu_seqlens, config.select_block, scale
+    T = q.shape[1]
+    bounds_cmp = compressed_interval_bounds(T, k_cmp.shape[1], config, cu_seqlens, q.device)
+    bounds_win = window_bounds(T, config.window, cu_seqlens, q.device)
+    o, o_cmp, o_slc, o_win, lse, block_idx = NSACore.apply(
+        q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, bounds_cmp, bounds_win, cu_seqlens, config, scale
     )
-    o_win = window_core(q, k_win, v_win, config, scale, cu_seqlens)
-    o = combine_gates(gates, o_cmp, o_slc, o_win)  # Eq. 5
     if return_aux:
         return NSAOutput(o, o_cmp, o_slc, o_win, lse, block_idx)
     return o

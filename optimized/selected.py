@@ -42,9 +42,9 @@ from reference.selected import check_block_idx
 
 from ._common import (
     LOG2E,
+    attn_bwd_delta,
     attn_bwd_dkv_step,
     attn_bwd_dq_step,
-    attn_bwd_preprocess,
     attn_fwd_finish,
     attn_fwd_step,
     autotune_configs,
@@ -52,6 +52,7 @@ from ._common import (
     dot_precision,
     is_interpreting,
     next_power_of_2,
+    store_dq,
     tune_bucket,
 )
 from ._interval import token_sequences
@@ -168,6 +169,7 @@ def selected_bwd_dq_kernel(
     delta,
     block_idx,
     dq,  # [TT, HQ, DK]
+    dq_prev,  # [TT, HQ, DK]: added to dq if HAS_DQ_PREV (the dq of the branches before this one)
     cu_seqlens,
     tile_seq,
     tile_start,
@@ -188,6 +190,7 @@ def selected_bwd_dq_kernel(
     U: tl.constexpr,
     BM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_DQ_PREV: tl.constexpr,
 ):
     """dq of one tile of BM rows: the forward's grid and union loop."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
@@ -226,7 +229,7 @@ def selected_bwd_dq_kernel(
             b_dq,
             DOT_PRECISION,
         )
-    tl.store(dq + o_row[:, None] * DK + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty), mask=m_rk)
+    store_dq(dq, dq_prev, o_row[:, None] * DK + o_k[None, :], b_dq, m_rk, scale, HAS_DQ_PREV)
 
 
 @triton.autotune(
@@ -402,10 +405,11 @@ def invert_blocks(
     idx = block_idx.long()
     heads = torch.arange(H, device=device)[None, :, None]
     key = torch.where(idx >= 0, heads * NB + token_block0[:, None, None] + idx, H * NB).flatten()  # [TT * H * n]
-    order = torch.sort(key, stable=True).indices
+    key_sorted, order = torch.sort(key, stable=True)
     query_of = (order // (H * N)).to(torch.int32)
-    counts = torch.bincount(key, minlength=H * NB + 1)[: H * NB]  # [H * NB]
-    ends = torch.cumsum(counts, 0)
+    # entries per (head, block) from the sorted keys: torch.bincount would sync with the host to size its output
+    ends = torch.searchsorted(key_sorted, torch.arange(1, H * NB + 1, device=device))  # [H * NB] keys <= b
+    counts = ends - torch.nn.functional.pad(ends[:-1], (1, 0))
     n_chunks = (counts + chunk - 1) // chunk
     last_chunk = torch.cumsum(n_chunks, 0)
     W = H * NB + -(-(TT * H * N) // chunk)  # >= sum of n_chunks
@@ -428,8 +432,11 @@ def selected_attention_bwd(
     config: NSAConfig,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    o_dot_do: torch.Tensor | None = None,
+    dq_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of selected attention, shapes as q, k, v."""
+    """Gradients (dq, dk, dv) of selected attention, shapes as q, k, v. ``o_dot_do`` (rowsum(o * do), fp32
+    [B, T, HQ]) and ``dq_prev`` as in ``interval_attention_bwd``: precomputed by a fused caller, or None."""
     B, T, HQ, _ = q.shape
     H, N = k.shape[2], block_idx.shape[3]
     meta = _meta(q, k, v, config.select_block)
@@ -437,11 +444,13 @@ def selected_attention_bwd(
     lengths = sequence_lengths(B, T, cu_seqlens)
     cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config)
     lse2 = lse.contiguous().view(B * T, HQ)
-    delta = attn_bwd_preprocess(o2, do2)  # [TT, HQ]
+    delta = attn_bwd_delta(o2, do2, None, o_dot_do).view(B * T, HQ)  # [TT, HQ]
     dq = torch.empty_like(q2)
+    has_prev = dq_prev is not None
     selected_bwd_dq_kernel[(tile_seq.numel(), H)](
-        q2, k2, v2, do2, lse2, delta, idx2, dq, cu, tile_seq, tile_start, union, union_len, scale,
-        N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, **meta,
+        q2, k2, v2, do2, lse2, delta, idx2, dq, _packed(dq_prev)[0] if has_prev else dq, cu, tile_seq, tile_start,
+        union, union_len, scale, N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, HAS_DQ_PREV=has_prev,
+        **meta,
     )  # fmt: skip
     chunk = 64 if is_interpreting() else 512
     key, start, end, query_of, block_start, block_end, NB = invert_blocks(idx2, lengths, config.select_block, chunk)
@@ -499,9 +508,13 @@ def selected_attention_bwd_op(
     cu_seqlens: torch.Tensor | None,
     select_block: int,
     scale: float,
+    o_dot_do: torch.Tensor | None = None,
+    dq_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Custom op around :func:`selected_attention_bwd`: (dq, dk, dv)."""
-    return selected_attention_bwd(q, k, v, o, lse, do, block_idx, _config_of(select_block), scale, cu_seqlens)
+    return selected_attention_bwd(
+        q, k, v, o, lse, do, block_idx, _config_of(select_block), scale, cu_seqlens, o_dot_do, dq_prev
+    )
 
 
 @selected_attention_bwd_op.register_fake
@@ -516,6 +529,8 @@ def _(
     cu_seqlens: torch.Tensor | None,
     select_block: int,
     scale: float,
+    o_dot_do: torch.Tensor | None = None,
+    dq_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 

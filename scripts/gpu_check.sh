@@ -232,7 +232,7 @@ if [[ -f $OUT/ncu.log ]]; then
 fi
 if [[ -f $OUT/ab.log ]]; then
     echo "----- A/B (base = ab_base/, tree = the working tree)"
-    grep -E '^=== ab|^optimized from| ms |^B=' "$OUT/ab.log" | grep -v timeout | tail -n 40
+    grep -E '^=== ab|^optimized from| ms |^B=|^ +[0-9]+ +(fwd|bwd) ' "$OUT/ab.log" | grep -v timeout | tail -n 40
 fi
 if [[ -f $OUT/tests.log ]]; then
     echo "----- test failures (first 40 lines)"

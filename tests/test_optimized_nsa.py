@@ -26,6 +26,27 @@ def test_nsa_matches_reference(p: NSAProblem) -> None:
     check_against_reference("nsa_attention", optimized.nsa_attention, p, device=DEVICE)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradients_through_the_aux_outputs(packed: bool) -> None:
+    """A loss that also reads the branch outputs and the lse (``return_aux``): the fused backward adds their
+    gradients to the combine's, and every input gradient equals the reference's (float64)."""
+    p = problem(37, 2, 2, 16, 24, CFG, torch.float32, seed=3, seqlens=(11, 26) if packed else None)
+    grads = []
+    for fn, dtype in ((reference.nsa_attention, torch.float64), (optimized.nsa_attention, torch.float32)):
+        gen = torch.Generator().manual_seed(4)  # the same loss weights for both runs
+        x = p.tensors(DEVICE, requires_grad=True)
+        args = [t.detach().to(dtype).requires_grad_() for t in (x.q, x.k_cmp, x.v_cmp, x.k_slc, x.v_slc)]
+        args += [t.detach().to(dtype).requires_grad_() for t in (x.k_win, x.v_win, x.gates)]
+        out = fn(*args, CFG, cu_seqlens=x.cu_seqlens, return_aux=True)
+        lse = torch.where(torch.isfinite(out.lse_cmp), out.lse_cmp, 0.0)
+        terms = (out.o, out.o_cmp, out.o_slc, out.o_win, lse)
+        ws = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(DEVICE, dtype) for t in terms]
+        loss = sum((w * t).sum() for w, t in zip(ws, terms))
+        grads.append(torch.autograd.grad(loss, args))
+    for name, want, got in zip(("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates"), *grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_combine_gates_matches_reference(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)

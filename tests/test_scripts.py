@@ -93,3 +93,15 @@ def test_decode_launch_variants() -> None:
     args.stages = ["no_such_kernel=3"]
     with pytest.raises(SystemExit, match="--stages: kernel must be one of"):
         decode_launch.variants(args)
+
+
+def test_run_bench_runs_its_own_tree(tmp_path: Path) -> None:
+    """run_bench.py is benchmarks.run, importable from any working directory (as ab_base/scripts/run_bench.py)."""
+    args = ["--impl", "reference", "--configs", "tiny", "--lengths", "48", "--check-len", "48", "--min-reps", "1"]
+    args += ["--branches", "core", "--device", "cpu", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "run_bench.py"), *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = json.loads((tmp_path / "bench.json").read_text())["records"]
+    assert {(r["part"], r["pass"]) for r in records} == {("core", "fwd"), ("core", "bwd")}
