@@ -327,6 +327,16 @@ def attn_bwd_preprocess_kernel(
     tl.store(delta + o_r, b_delta, mask=m_r)
 
 
+def device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A short host list as a tensor on ``device``, without a host sync.
+
+    ``torch.tensor(values, device="cuda")`` copies and then waits for the stream: the host stalls until the GPU
+    has run everything queued before it, so a call that builds its metadata that way can never run ahead of
+    the device. A non-blocking copy from (pageable) host memory returns once CUDA has staged the bytes.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def attn_bwd_delta(
     o: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None, o_dot_do: torch.Tensor | None
 ) -> torch.Tensor:

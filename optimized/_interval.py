@@ -41,6 +41,7 @@ from ._common import (
     attn_fwd_finish,
     attn_fwd_step,
     config_list,
+    device_tensor,
     dot_precision,
     next_power_of_2,
     prune_by_precision,
@@ -843,7 +844,7 @@ def token_sequences(T: int, cu_seqlens: torch.Tensor | None, device: torch.devic
     the sequence of each token [T]; token t's sequence is ``[cu[seq[t]], cu[seq[t] + 1])``."""
     t = torch.arange(T, device=device)
     if cu_seqlens is None:
-        cu = torch.tensor([0, T], device=device)
+        cu = device_tensor([0, T], torch.int64, device)
     else:
         cu = cu_seqlens.to(device=device, dtype=torch.int64)
     seq = torch.searchsorted(cu, t, right=True) - 1  # [T] (not cu[1:]: torch 2.11's inductor mis-lowers that)

@@ -49,6 +49,7 @@ from ._common import (
     attn_fwd_step,
     autotune_configs,
     check_kernel_dtype,
+    device_tensor,
     dot_precision,
     is_interpreting,
     next_power_of_2,
@@ -393,8 +394,8 @@ def invert_blocks(
     TT, H, N = block_idx.shape
     n_blocks = [-(-length // select_block) for length in lengths]
     NB = sum(n_blocks)
-    lens = torch.tensor(lengths, dtype=torch.int64, device=device)  # [S]
-    counts = torch.tensor(n_blocks, dtype=torch.int64, device=device)
+    lens = device_tensor(lengths, torch.int64, device)  # [S]
+    counts = device_tensor(n_blocks, torch.int64, device)
     seq_first_token, seq_first_block = torch.cumsum(lens, 0) - lens, torch.cumsum(counts, 0) - counts
     block_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts, output_size=NB)  # [NB]
     local = torch.arange(NB, device=device) - seq_first_block[block_seq]

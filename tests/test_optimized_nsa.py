@@ -117,3 +117,25 @@ def test_nsa_compiles_with_inductor() -> None:
 )
 def test_nsa_gpu_large(p: NSAProblem) -> None:
     check_against_reference("nsa_attention", optimized.nsa_attention, p, device="cuda")
+
+
+@pytest.mark.gpu
+def test_nsa_never_waits_for_the_gpu() -> None:
+    """A dense batch's forward and backward issue no host sync (after the first call, which compiles and
+    autotunes), so the host runs ahead of the device as a training loop needs; torch's sync debug mode raises
+    on any synchronising call (a blocking copy such as ``torch.tensor(list, device="cuda")``, ``.item()``)."""
+    p = problem(1000, 2, 8, 64, 64, NSAConfig(), torch.bfloat16)
+    x = p.tensors("cuda", requires_grad=True)
+    args = (x.q, x.k_cmp, x.v_cmp, x.k_slc, x.v_slc, x.k_win, x.v_win, x.gates)
+
+    def step() -> None:
+        o = optimized.nsa_attention(*args, NSAConfig())
+        torch.autograd.grad(o, args, torch.ones_like(o))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
