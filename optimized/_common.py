@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import triton
@@ -325,6 +325,27 @@ def attn_bwd_preprocess_kernel(
     if HAS_DLSE:
         b_delta -= tl.load(dlse + o_r, mask=m_r, other=0.0)
     tl.store(delta + o_r, b_delta, mask=m_r)
+
+
+_METADATA: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_METADATA_ENTRIES = 64  # shapes kept at once; the cache starts over beyond that
+
+
+def shape_metadata(build: Callable[[], tuple[torch.Tensor, ...]], key: tuple | None) -> tuple[torch.Tensor, ...]:
+    """``build()``, kept per ``key``: index tensors that depend only on sizes (a dense batch's key bounds, the
+    sequences' tiles) are built once per shape and device instead of in every call, which saves the host a
+    few dozen small launches per call. ``key=None`` (e.g. bounds that read ``cu_seqlens``' values) builds
+    every time, and so do calls while ``torch.compile`` traces or a CUDA graph captures (the tensors would
+    belong to the graph). The kernels only read these tensors."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if key is None or capturing or torch.compiler.is_compiling():
+        return build()
+    out = _METADATA.get(key)
+    if out is None:
+        if len(_METADATA) >= _METADATA_ENTRIES:
+            _METADATA.clear()
+        out = _METADATA[key] = build()
+    return out
 
 
 def device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from reference._checks import check_compressed_length, check_config, check_cu_seqlens, check_qkv, check_scale
 from reference.config import NSAConfig
 
-from ._common import check_kernel_device, check_kernel_dtype
+from ._common import check_kernel_device, check_kernel_dtype, shape_metadata
 from ._interval import IntervalAttention, as_bounds, token_sequences
 from .compression import compressed_offsets
 
@@ -31,16 +31,21 @@ DKV_SPLIT_ROWS = 16384
 def compressed_interval_bounds(
     T: int, TC: int, config: NSAConfig, cu_seqlens: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """(q_lo, q_hi) int32 [T]: the visible blocks of query t; (k_first, k_last) int32 [TC]: the queries of block i."""
+    """(q_lo, q_hi) int32 [T]: the visible blocks of query t; (k_first, k_last) int32 [TC]: the queries of block i
+    (built once per shape for a dense batch)."""
     l, d = config.compress_block, config.compress_stride
-    cu, t, seq = token_sequences(T, cu_seqlens, device)
-    c_cu = compressed_offsets(cu, config)  # [N + 1]
-    visible = torch.clamp(torch.div(t - cu[seq] + 1 - l, d, rounding_mode="floor") + 1, min=0)  # n_t
-    q_lo = c_cu[seq]
-    i = torch.arange(TC, device=device)
-    i_seq = torch.searchsorted(c_cu, i, right=True) - 1  # [TC] which sequence holds block i
-    k_first = cu[i_seq] + (i - c_cu[i_seq]) * d + l - 1  # the block's last token: the first query that sees it
-    return as_bounds(q_lo, q_lo + visible, k_first, cu[i_seq + 1])
+
+    def build() -> tuple[torch.Tensor, ...]:
+        cu, t, seq = token_sequences(T, cu_seqlens, device)
+        c_cu = compressed_offsets(cu, config)  # [N + 1]
+        visible = torch.clamp(torch.div(t - cu[seq] + 1 - l, d, rounding_mode="floor") + 1, min=0)  # n_t
+        q_lo = c_cu[seq]
+        i = torch.arange(TC, device=device)
+        i_seq = torch.searchsorted(c_cu, i, right=True) - 1  # [TC] which sequence holds block i
+        k_first = cu[i_seq] + (i - c_cu[i_seq]) * d + l - 1  # the block's last token: the first query that sees it
+        return as_bounds(q_lo, q_lo + visible, k_first, cu[i_seq + 1])
+
+    return shape_metadata(build, ("compressed_bounds", T, TC, l, d, device) if cu_seqlens is None else None)
 
 
 def compressed_attention(

@@ -14,19 +14,24 @@ import torch
 from reference._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
 from reference.config import NSAConfig
 
-from ._common import check_kernel_device, check_kernel_dtype
+from ._common import check_kernel_device, check_kernel_dtype, shape_metadata
 from ._interval import IntervalAttention, as_bounds, token_sequences
 
 
 def window_bounds(
     T: int, window: int, cu_seqlens: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """(q_lo, q_hi, k_first, k_last) int32 [T]: the keys of query t and the queries of key s."""
-    cu, t, seq = token_sequences(T, cu_seqlens, device)
-    start, end = cu[seq], cu[seq + 1]
-    q_lo = torch.maximum(t - window + 1, start)
-    k_last = torch.minimum(t + window, end)
-    return as_bounds(q_lo, t + 1, t, k_last)
+    """(q_lo, q_hi, k_first, k_last) int32 [T]: the keys of query t and the queries of key s (built once per
+    shape for a dense batch)."""
+
+    def build() -> tuple[torch.Tensor, ...]:
+        cu, t, seq = token_sequences(T, cu_seqlens, device)
+        start, end = cu[seq], cu[seq + 1]
+        q_lo = torch.maximum(t - window + 1, start)
+        k_last = torch.minimum(t + window, end)
+        return as_bounds(q_lo, t + 1, t, k_last)
+
+    return shape_metadata(build, ("window_bounds", T, window, device) if cu_seqlens is None else None)
 
 
 def sliding_window_attention(

@@ -37,15 +37,15 @@ TARGET = GPUTarget("cuda", 90, 32)
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
 FP32 = ("lse", "delta", "scale", "qk_scale")
-BF16 = ("q", "k", "v", "o", "do", "dq", "dk", "dv", "k_cmp")
+BF16 = ("q", "k", "v", "o", "do", "dq", "dq_prev", "dk", "dv", "k_cmp")
 DIMS = dict(H=4, G=16, DK=128, DV=128, BK=128, BV=128, DOT_PRECISION="tf32")
 SPARSE = dict(N=16, LS=64, BN=64, NP=16, U=32)
 KERNELS = {
     "interval_fwd": (_interval.interval_fwd_kernel, DIMS, {}),
-    "interval_dq": (_interval.interval_bwd_dq_kernel, DIMS, {}),
+    "interval_dq": (_interval.interval_bwd_dq_kernel, {**DIMS, "HAS_DQ_PREV": True}, {}),
     "interval_dkv": (_interval.interval_bwd_dkv_kernel, {**DIMS, "ATOMIC": True}, {"dk": "*fp32", "dv": "*fp32"}),
     "selected_fwd": (selected.selected_fwd_kernel, {**DIMS, **SPARSE, "BM": 64}, {}),
-    "selected_dq": (selected.selected_bwd_dq_kernel, {**DIMS, **SPARSE, "BM": 64}, {}),
+    "selected_dq": (selected.selected_bwd_dq_kernel, {**DIMS, **SPARSE, "BM": 64, "HAS_DQ_PREV": True}, {}),
     **{
         f"selection_g{g}": (
             selection.select_blocks_kernel,

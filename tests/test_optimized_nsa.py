@@ -47,6 +47,33 @@ def test_gradients_through_the_aux_outputs(packed: bool) -> None:
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+def test_shape_metadata_is_built_once_per_shape() -> None:
+    """A dense batch's key bounds and tiles are built once per shape and reused (the same tensors, equal to a
+    fresh build from ``cu_seqlens = [0, T]``, which is never cached); the cache starts over when full."""
+    from optimized import _common
+    from optimized._sparse import sequence_tiles
+    from optimized.compressed import compressed_interval_bounds
+    from optimized.window import window_bounds
+
+    cfg, device = NSAConfig(), torch.device(DEVICE)
+    whole = torch.tensor([0, 300], dtype=torch.int32, device=device)
+    for build in (
+        lambda cu: window_bounds(300, 64, cu, device),
+        lambda cu: compressed_interval_bounds(300, cfg.num_compressed(300), cfg, cu, device),
+    ):
+        first, again, fresh = build(None), build(None), build(whole)
+        assert all(a is b for a, b in zip(first, again))
+        assert not any(a is b for a, b in zip(first, fresh))
+        for a, b in zip(first, fresh):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    tiles = sequence_tiles([300, 45], cfg, 16, 16, device)
+    assert all(a is b for a, b in zip(tiles, sequence_tiles([300, 45], cfg, 16, 16, device)))
+    assert tiles[2].numel() != sequence_tiles([300], cfg, 16, 16, device)[2].numel()
+    for T in range(2 * _common._METADATA_ENTRIES):
+        window_bounds(T + 1, 64, None, device)
+    assert len(_common._METADATA) <= _common._METADATA_ENTRIES
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_combine_gates_matches_reference(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
