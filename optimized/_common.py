@@ -282,8 +282,7 @@ def attn_bwd_dkv_step(
     b_k [BN, BK], b_v [BN, BV] (loaded once by the caller); p_qt [BK, BM] pointers to Q^T, p_do [BM, BV]
     pointers, with load masks m_qt / m_do; p_lse / p_delta [BM] pointers to lse (natural log) and delta,
     m_r [BM] row mask; m_st [BN, BM] bool: key seen by row. b_dk [BN, BK] += ds^T q (multiply by scale at the
-    end), b_dv [BN, BV] += p^T do, both fp32. Returns (b_dk, b_dv, b_dst): ds^T [BN, BM] fp32 as well, for a
-    caller that also accumulates dq from it (:func:`attn_bwd_dq_atomic`).
+    end), b_dv [BN, BV] += p^T do, both fp32. Returns (b_dk, b_dv).
 
     Everything is computed transposed (s^T = k q^T, [BN, BM]) so that p^T and ds^T feed their dots straight
     from registers: the row-major form (s = q k^T, then ``tl.trans(p)``) gave run-to-run different dk on sm_90
@@ -299,19 +298,7 @@ def attn_bwd_dkv_step(
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BN, BM]
     b_dst = b_pt * (b_dpt - b_delta[None, :])  # [BN, BM]
     b_dk += tl.dot(b_dst.to(b_qt.dtype), tl.trans(b_qt), input_precision=DOT_PRECISION)  # [BN, BK]
-    return b_dk, b_dv, b_dst
-
-
-@triton.jit
-def attn_bwd_dq_atomic(b_k, b_dst, p_dq, m_dq, scale, DOT_PRECISION: tl.constexpr):
-    """dq of the rows from one resident key tile, added into fp32 dq with atomics (FlashAttention-2's backward).
-
-    b_k [BN, BK] (input dtype), b_dst [BN, BM] = ds^T from :func:`attn_bwd_dkv_step`; p_dq [BM, BK] pointers
-    into fp32 dq, m_dq their mask. dq^T = k^T ds^T is computed with the loaded k transposed (no register
-    transpose feeds a dot: docs/kernels.md), then transposed once for row-contiguous atomics.
-    """
-    b_dqt = tl.dot(tl.trans(b_k), b_dst.to(b_k.dtype), input_precision=DOT_PRECISION)  # [BK, BM]
-    tl.atomic_add(p_dq, tl.trans(b_dqt) * scale, mask=m_dq)
+    return b_dk, b_dv
 
 
 @triton.jit

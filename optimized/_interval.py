@@ -37,7 +37,7 @@ from ._common import (
     LOG2E,
     attn_bwd_delta,
     attn_bwd_dkv_step,
-    attn_bwd_dq_atomic,
+    attn_bwd_dq_step,
     attn_fwd_finish,
     attn_fwd_step,
     config_list,
@@ -45,6 +45,7 @@ from ._common import (
     dot_precision,
     next_power_of_2,
     prune_by_precision,
+    store_dq,
     tune_bucket,
 )
 
@@ -251,6 +252,189 @@ def interval_fwd_kernel(
 
 
 @triton.jit
+def _dq_key_loop(
+    b_q,
+    b_do,
+    b_lse2,
+    b_delta,
+    b_dq,
+    k,
+    v,
+    key_base,
+    b_lo,
+    b_hi,
+    s_start,
+    s_end,
+    S,
+    qk_scale,
+    H,
+    DK,
+    DV,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BN: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq of the rows over the key tiles s0 = s_start, s_start + BN, ... < s_end (MASKED as in _fwd_key_loop)."""
+    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
+    m_dk, m_dv = o_k < DK, o_v < DV
+    for s0 in range(s_start, s_end, BN):
+        o_s = s0 + o_n  # [BN]
+        o_key = key_base + o_s.to(tl.int64) * H  # [BN] int64
+        p_k = k + o_key[None, :] * DK + o_k[:, None]  # [BK, BN]
+        p_v = v + o_key[None, :] * DV + o_v[:, None]  # [BV, BN]
+        if MASKED:
+            m_n = o_s < S
+            m_s = (o_s[None, :] >= b_lo[:, None]) & (o_s[None, :] < b_hi[:, None])  # [BM, BN]
+            m_k, m_v = m_dk[:, None] & m_n[None, :], m_dv[:, None] & m_n[None, :]
+        else:
+            m_s, m_k, m_v = True, m_dk[:, None], m_dv[:, None]
+        b_dq = attn_bwd_dq_step(b_q, b_do, b_lse2, b_delta, p_k, p_v, m_k, m_v, m_s, qk_scale, b_dq, DOT_PRECISION)
+    return b_dq
+
+
+@triton.autotune(
+    configs=config_list(
+        [
+            ({"BM": 64, "BN": 32}, 4, 2),
+            ({"BM": 64, "BN": 64}, 4, 3),
+            ({"BM": 128, "BN": 64}, 8, 2),
+            ({"BM": 128, "BN": 32}, 8, 3),
+        ],
+        interpreter={"BM": 32, "BN": 32},
+    ),
+    key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": prune_by_precision},
+)
+@triton.jit
+def interval_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dq,
+    dq_prev,
+    q_lo,
+    q_hi,
+    scale,
+    T,
+    S,
+    H,
+    G,
+    DK,
+    DV,
+    TUNE_T,
+    TUNE_S,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HAS_DQ_PREV: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """dq [B, T, HQ, DK] (plus dq_prev, if HAS_DQ_PREV) for one tile of BM rows: the forward's grid and key loops."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    HQ = H * G
+    qk_scale = scale * LOG2E
+    o_r = i_m * BM + tl.arange(0, BM)  # [BM]
+    m_r = o_r < T * G
+    o_t = o_r // G
+    o_row = (i_b * T + o_t) * HQ + i_h * G + o_r % G  # [BM] int64
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    m_rk, m_rv = m_r[:, None] & (o_k[None, :] < DK), m_r[:, None] & (o_v[None, :] < DV)
+
+    b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_rk, other=0.0)  # [BM, BK]
+    b_do = tl.load(do + o_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.0)  # [BM, BV]
+    b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.0) * LOG2E  # [BM]
+    b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)  # [BM]
+    b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)
+    b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)
+    t_first, t_last = (i_m * BM) // G, (tl.minimum(i_m * BM + BM, T * G) - 1) // G
+    s_lo, s_hi = tl.load(q_lo + t_first), tl.load(q_hi + t_last)
+    s_a, s_b = _phases(s_lo, s_hi, tl.load(q_lo + t_last), tl.load(q_hi + t_first), BN)
+
+    key_base = i_b * S * H + i_h
+    b_dq = tl.zeros([BM, BK], dtype=tl.float32)
+    b_dq = _dq_key_loop(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k,
+        v,
+        key_base,
+        b_lo,
+        b_hi,
+        s_lo,
+        s_a,
+        S,
+        qk_scale,
+        H,
+        DK,
+        DV,
+        BK,
+        BV,
+        BN,
+        True,
+        DOT_PRECISION,
+    )
+    b_dq = _dq_key_loop(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k,
+        v,
+        key_base,
+        b_lo,
+        b_hi,
+        s_a,
+        s_b,
+        S,
+        qk_scale,
+        H,
+        DK,
+        DV,
+        BK,
+        BV,
+        BN,
+        False,
+        DOT_PRECISION,
+    )
+    b_dq = _dq_key_loop(
+        b_q,
+        b_do,
+        b_lse2,
+        b_delta,
+        b_dq,
+        k,
+        v,
+        key_base,
+        b_lo,
+        b_hi,
+        s_b,
+        s_hi,
+        S,
+        qk_scale,
+        H,
+        DK,
+        DV,
+        BK,
+        BV,
+        BN,
+        True,
+        DOT_PRECISION,
+    )
+    store_dq(dq, dq_prev, o_row[:, None] * DK + o_k[None, :], b_dq, m_rk, scale, HAS_DQ_PREV)
+
+
+@triton.jit
 def _dkv_row_loop(
     b_k,
     b_v,
@@ -260,7 +444,6 @@ def _dkv_row_loop(
     do,
     lse,
     delta,
-    dq,
     q_lo,
     q_hi,
     o_s,
@@ -269,7 +452,6 @@ def _dkv_row_loop(
     r_start,
     r_end,
     r_max,
-    scale,
     qk_scale,
     T,
     H,
@@ -282,11 +464,10 @@ def _dkv_row_loop(
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dk/dv of the key tile o_s [BN] over the row tiles r0 = r_start, r_start + BM, ... < r_end (rows < r_max),
-    and each row tile's dq from this key tile, added into fp32 dq.
+    """dk/dv of the key tile o_s [BN] over the row tiles r0 = r_start, r_start + BM, ... < r_end (rows < r_max).
 
     row_base = b * T (int64), head_base = h * G. MASKED=False: every row of these tiles sees every valid key of the tile
-    (keys past S only feed dk/dv rows that are never stored, and are zero in b_k: no dq from them).
+    (keys past S only feed dk/dv rows that are never stored).
     """
     HQ = H * G
     o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
@@ -300,10 +481,10 @@ def _dkv_row_loop(
             b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)
             b_hi = tl.load(q_hi + o_t, mask=m_r, other=0)
             m_st = (o_s[:, None] >= b_lo[None, :]) & (o_s[:, None] < b_hi[None, :])  # [BN, BM]
-            m_qt, m_do, m_dq = m_dk[:, None] & m_r[None, :], m_r[:, None] & m_dv[None, :], m_r[:, None] & m_dk[None, :]
+            m_qt, m_do = m_dk[:, None] & m_r[None, :], m_r[:, None] & m_dv[None, :]
         else:
-            m_r, m_st, m_qt, m_do, m_dq = True, True, m_dk[:, None], m_dv[None, :], m_dk[None, :]
-        b_dk, b_dv, b_dst = attn_bwd_dkv_step(
+            m_r, m_st, m_qt, m_do = True, True, m_dk[:, None], m_dv[None, :]
+        b_dk, b_dv = attn_bwd_dkv_step(
             b_k,
             b_v,
             q + o_row[None, :] * DK + o_k[:, None],  # [BK, BM]
@@ -319,7 +500,6 @@ def _dkv_row_loop(
             b_dv,
             DOT_PRECISION,
         )
-        attn_bwd_dq_atomic(b_k, b_dst, dq + o_row[:, None] * DK + o_k[None, :], m_dq, scale, DOT_PRECISION)
     return b_dk, b_dv
 
 
@@ -340,7 +520,7 @@ DKV_CHOICES = [
     ),
     key=_TUNE_KEY,
     prune_configs_by={"early_config_prune": prune_by_precision},
-    reset_to_zero=["dk", "dv", "dq"],
+    reset_to_zero=["dk", "dv"],
 )
 @triton.jit
 def interval_bwd_dkv_kernel(
@@ -350,7 +530,6 @@ def interval_bwd_dkv_kernel(
     do,
     lse,
     delta,
-    dq,
     dk,
     dv,
     q_lo,
@@ -374,8 +553,7 @@ def interval_bwd_dkv_kernel(
     BN: tl.constexpr,
     BM: tl.constexpr,
 ):
-    """dk [B, S, H, DK], dv [B, S, H, DV] for one tile of BN keys, summed over the G heads of the group, and
-    the tile's share of dq [B, T, HQ, DK] (fp32, zeroed; every key tile adds into it with atomics).
+    """dk [B, S, H, DK], dv [B, S, H, DV] for one tile of BN keys, summed over the G heads of the group.
 
     Program (i_n, i_bh, i_split) covers the rows [i_split * SPLIT_ROWS, (i_split + 1) * SPLIT_ROWS) of the
     tile's query rows; with several splits (ATOMIC) it adds its partial sums into fp32 dk, dv (zeroed).
@@ -407,7 +585,6 @@ def interval_bwd_dkv_kernel(
         do,
         lse,
         delta,
-        dq,
         q_lo,
         q_hi,
         o_s,
@@ -416,7 +593,6 @@ def interval_bwd_dkv_kernel(
         r_lo,
         r_a,
         r_hi,
-        scale,
         qk_scale,
         T,
         H,
@@ -438,7 +614,6 @@ def interval_bwd_dkv_kernel(
         do,
         lse,
         delta,
-        dq,
         q_lo,
         q_hi,
         o_s,
@@ -447,7 +622,6 @@ def interval_bwd_dkv_kernel(
         r_a,
         r_b,
         r_hi,
-        scale,
         qk_scale,
         T,
         H,
@@ -469,7 +643,6 @@ def interval_bwd_dkv_kernel(
         do,
         lse,
         delta,
-        dq,
         q_lo,
         q_hi,
         o_s,
@@ -478,7 +651,6 @@ def interval_bwd_dkv_kernel(
         r_b,
         r_hi,
         r_hi,
-        scale,
         qk_scale,
         T,
         H,
@@ -576,7 +748,13 @@ def interval_attention_bwd(
     G = HQ // H
     meta = _meta(q, k, v)
     delta = attn_bwd_delta(o, do, dlse, o_dot_do)  # [B, T, HQ]
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    has_prev = dq_prev is not None
+    grid_q = lambda meta: (triton.cdiv(T * G, meta["BM"]), B * H)
+    interval_bwd_dq_kernel[grid_q](
+        q, k, v, do, lse, delta, dq, dq_prev.contiguous() if has_prev else dq, q_lo, q_hi, scale, T, S,
+        HAS_DQ_PREV=has_prev, **meta,
+    )  # fmt: skip
     splits = triton.cdiv(T * G, split_rows) if split_rows > 0 else 1
     atomic = splits > 1
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if atomic else torch.empty_like(k)
@@ -590,7 +768,6 @@ def interval_attention_bwd(
             do,
             lse,
             delta,
-            dq,
             dk,
             dv,
             q_lo,
@@ -604,9 +781,7 @@ def interval_attention_bwd(
             ATOMIC=atomic,
             **meta,
         )
-    if dq_prev is not None:
-        dq += dq_prev
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 @interval_attention_bwd.register_fake

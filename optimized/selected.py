@@ -292,7 +292,7 @@ def selected_bwd_dkv_kernel(
             o_t = tl.load(query_of + e0 + o_r // G, mask=m_r, other=0)  # [BM] packed query positions
             o_row = o_t.to(tl.int64) * HQ + i_h * G + o_r % G  # [BM] index into [TT, HQ]
             m_st = m_n[:, None] & m_r[None, :] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
-            b_dk, b_dv, _ = attn_bwd_dkv_step(
+            b_dk, b_dv = attn_bwd_dkv_step(
                 b_k,
                 b_v,
                 q + o_row[None, :] * DK + o_k[:, None],  # [BK, BM]

@@ -42,6 +42,7 @@ from reference.testing import NSAProblem, _args, _run, assert_close_to_reference
 # kernel -> (autotuner, public function it is checked through)
 KERNELS: dict[str, tuple[triton.runtime.Autotuner, str]] = {
     "interval_fwd": (_interval.interval_fwd_kernel, "sliding_window_attention"),
+    "interval_dq": (_interval.interval_bwd_dq_kernel, "sliding_window_attention"),
     "interval_dkv": (_interval.interval_bwd_dkv_kernel, "sliding_window_attention"),
     "interval_dkv_split": (_interval.interval_bwd_dkv_kernel, "compressed_attention"),
     "selection": (selection.select_blocks_kernel, "select_blocks"),
@@ -52,11 +53,7 @@ KERNELS: dict[str, tuple[triton.runtime.Autotuner, str]] = {
     "mean_pool_bwd": (compression.mean_pool_bwd_kernel, "mean_pool"),
 }
 # gradients summed with fp32 atomics: equal up to the order of the adds, so not compared bitwise
-ATOMIC_GRADS = {
-    "selected_attention": {"k_slc", "v_slc"},
-    "compressed_attention": {"q", "k_cmp", "v_cmp"},
-    "sliding_window_attention": {"q"},
-}
+ATOMIC_GRADS = {"selected_attention": {"k_slc", "v_slc"}, "compressed_attention": {"k_cmp", "v_cmp"}}
 
 
 def problems(device: str) -> dict[str, NSAProblem]:

@@ -42,11 +42,8 @@ DIMS = dict(H=4, G=16, DK=128, DV=128, BK=128, BV=128, DOT_PRECISION="tf32")
 SPARSE = dict(N=16, LS=64, BN=64, NP=16, U=32)
 KERNELS = {
     "interval_fwd": (_interval.interval_fwd_kernel, DIMS, {}),
-    "interval_dkv": (
-        _interval.interval_bwd_dkv_kernel,
-        {**DIMS, "ATOMIC": True},
-        {"dq": "*fp32", "dk": "*fp32", "dv": "*fp32"},
-    ),
+    "interval_dq": (_interval.interval_bwd_dq_kernel, {**DIMS, "HAS_DQ_PREV": True}, {}),
+    "interval_dkv": (_interval.interval_bwd_dkv_kernel, {**DIMS, "ATOMIC": True}, {"dk": "*fp32", "dv": "*fp32"}),
     "selected_fwd": (selected.selected_fwd_kernel, {**DIMS, **SPARSE, "BM": 64}, {}),
     "selected_dq": (selected.selected_bwd_dq_kernel, {**DIMS, **SPARSE, "BM": 64, "HAS_DQ_PREV": True}, {}),
     **{

@@ -123,7 +123,7 @@ def test_autotune_key_separates_sizes_and_branches() -> None:
     """The interval kernels tune per (group, head dims, log2 bucket of B*T, log2 bucket of S): a 2k call and a
     64k call, or the window (S = T) and the compressed branch (S = T / d) at one T, do not share a config."""
     assert {"TUNE_T", "TUNE_S"} <= set(_interval._TUNE_KEY)
-    for kernel in (_interval.interval_fwd_kernel, _interval.interval_bwd_dkv_kernel):
+    for kernel in (_interval.interval_fwd_kernel, _interval.interval_bwd_dq_kernel, _interval.interval_bwd_dkv_kernel):
         assert set(_interval._TUNE_KEY) <= set(kernel.arg_names)
 
     def key(T: int, S: int) -> tuple[int, int]:
