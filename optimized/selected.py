@@ -53,6 +53,7 @@ from ._common import (
     dot_precision,
     is_interpreting,
     next_power_of_2,
+    shape_metadata,
     store_dq,
     tune_bucket,
 )
@@ -394,15 +395,19 @@ def invert_blocks(
     TT, H, N = block_idx.shape
     n_blocks = [-(-length // select_block) for length in lengths]
     NB = sum(n_blocks)
-    lens = device_tensor(lengths, torch.int64, device)  # [S]
-    counts = device_tensor(n_blocks, torch.int64, device)
-    seq_first_token, seq_first_block = torch.cumsum(lens, 0) - lens, torch.cumsum(counts, 0) - counts
-    block_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts, output_size=NB)  # [NB]
-    local = torch.arange(NB, device=device) - seq_first_block[block_seq]
-    block_start = seq_first_token[block_seq] + local * select_block
-    block_end = torch.minimum(block_start + select_block, (seq_first_token + lens)[block_seq])
-    token_block0 = torch.repeat_interleave(seq_first_block, lens, output_size=TT)  # [TT]
 
+    def blocks() -> tuple[torch.Tensor, ...]:  # sizes only: built once per list of lengths (shape_metadata)
+        lens = device_tensor(lengths, torch.int64, device)  # [S]
+        counts = device_tensor(n_blocks, torch.int64, device)
+        seq_first_token, seq_first_block = torch.cumsum(lens, 0) - lens, torch.cumsum(counts, 0) - counts
+        block_seq = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts, output_size=NB)
+        local = torch.arange(NB, device=device) - seq_first_block[block_seq]  # [NB]
+        block_start = seq_first_token[block_seq] + local * select_block
+        block_end = torch.minimum(block_start + select_block, (seq_first_token + lens)[block_seq])
+        token_block0 = torch.repeat_interleave(seq_first_block, lens, output_size=TT)  # [TT]
+        return block_start.to(torch.int32), block_end.to(torch.int32), token_block0
+
+    block_start, block_end, token_block0 = shape_metadata(blocks, ("blocks", tuple(lengths), select_block, device))
     idx = block_idx.long()
     heads = torch.arange(H, device=device)[None, :, None]
     key = torch.where(idx >= 0, heads * NB + token_block0[:, None, None] + idx, H * NB).flatten()  # [TT * H * n]
@@ -419,7 +424,7 @@ def invert_blocks(
     start = ends[owner] - counts[owner] + (w - (last_chunk[owner] - n_chunks[owner])) * chunk
     end = torch.where(w < last_chunk[-1], torch.minimum(start + chunk, ends[owner]), start)
     as_i32 = lambda x: x.to(torch.int32)
-    return as_i32(owner), as_i32(start), as_i32(end), query_of, as_i32(block_start), as_i32(block_end), NB
+    return as_i32(owner), as_i32(start), as_i32(end), query_of, block_start, block_end, NB
 
 
 def selected_attention_bwd(
