@@ -257,9 +257,11 @@ class NSACore(torch.autograd.Function):
         dq, dk_win, dv_win = nsa.interval_attention_bwd(
             q, k_win, v_win, o_win, lse_win, do_win, None, *bounds_win, scale, 0, r_win, None
         )
+        del do_win  # each branch's do is freed once its backward has run (peak memory)
         dq, dk_slc, dv_slc = nsa.selected_attention_bwd(
             q, k_slc, v_slc, o_slc, lse_slc, do_slc, block_idx, cu_seqlens, ctx.select_block, scale, r_slc, dq
         )
+        del do_slc
         dq, dk_cmp, dv_cmp = nsa.interval_attention_bwd(
             q, k_cmp, v_cmp, o_cmp, lse, do_cmp, dlse, *bounds_cmp, scale, DKV_SPLIT_ROWS, r_cmp, dq
         )
