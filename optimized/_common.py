@@ -337,8 +337,10 @@ def shape_metadata(build: Callable[[], tuple[torch.Tensor, ...]], key: tuple | N
     few dozen small launches per call. ``key=None`` (e.g. bounds that read ``cu_seqlens``' values) builds
     every time, and so do calls while ``torch.compile`` traces or a CUDA graph captures (the tensors would
     belong to the graph). The kernels only read these tensors."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if key is None or capturing or torch.compiler.is_compiling():
+    # is_compiling() first: dynamo cannot trace is_current_stream_capturing() (it returns a bool)
+    if key is None or torch.compiler.is_compiling():
+        return build()
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return build()
     out = _METADATA.get(key)
     if out is None:
