@@ -3,6 +3,7 @@ from ``decode.json``: decode step time and speedup against the context.
 
     python -m benchmarks.plot                                   # benchmarks/results/bench.json
     python -m benchmarks.plot --json /tmp/out/bench.json --out /tmp/out
+    python -m benchmarks.plot --json a/bench.json b/bench.json --merged results/h200/bench_default.json
     python -m benchmarks.plot --decode results/decode.json results/experiments/decode_h100_64k.json
 
 Writes ``speedup_<config>.png`` (forward and backward panels; bars per baseline, with the paper's
@@ -11,6 +12,8 @@ compressed, selection, selected and window parts' shares, with the times in ms a
 ``--decode``, ``decode_<config>.png`` from one or more ``decode.json`` files of the same card (records of a
 later file replace those of an earlier one at the same batch and context), and per batch the fit of the NSA
 step to a fixed latency plus its bytes at a marginal bandwidth (:func:`latency_model`, also in the legend).
+Several ``--json`` files of one card are merged the same way (:func:`merge_runs`): each record keeps the
+run it came from, and speedups only divide times of the same run.
 """
 
 from __future__ import annotations
@@ -183,6 +186,39 @@ def plot_decode(datas: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+RECORD_KEY = ("config", "seq_len", "impl", "part", "pass")
+
+
+def merge_runs(datas: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``bench.json`` from several runs on one card: a later run's record replaces an earlier one's at the
+    same (config, length, impl, part, pass); ``runs`` lists the runs (commit, time, arguments) and each record
+    gets ``run``, its run's index there. A speedup must divide times of one run (timings of two calls are not
+    comparable, device METHOD.md), so a length keeps the records of the last run that timed its core there."""
+    cards = {d["env"]["card"] for d in datas}
+    if len(cards) != 1:
+        raise ValueError(f"--json: the runs must come from one card, got {sorted(cards)}")
+    merged = {k: v for k, v in datas[-1].items() if k != "records"}
+    merged["configs"] = list({c["name"]: c for d in datas for c in d["configs"]}.values())
+    for key in ("checks", "bytes"):
+        merged[key] = {k: v for d in datas for k, v in d.get(key, {}).items()}
+    merged["runs"] = [
+        {k: d["env"].get(k) for k in ("git_commit", "timestamp_utc")} | {"argv": d.get("argv")} for d in datas
+    ]
+    merged["stopped_early"] = any(d.get("stopped_early") for d in datas)
+    owner: dict[tuple[str, int], int] = {}  # (config, length) -> the last run that timed the core there
+    for i, d in enumerate(datas):
+        for r in d["records"]:
+            if r["impl"] == "nsa" and r["part"] == "core":
+                owner[r["config"], r["seq_len"]] = i
+    records: dict[tuple, dict[str, Any]] = {}
+    for i, d in enumerate(datas):
+        for r in d["records"]:
+            if owner.get((r["config"], r["seq_len"]), i) == i:
+                records[tuple(r[k] for k in RECORD_KEY)] = r | {"run": i}
+    merged["records"] = list(records.values())
+    return merged
+
+
 def make_plots(data: dict[str, Any], out: Path) -> list[Path]:
     """Every plot for every config in ``data``; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +234,8 @@ def make_plots(data: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n")[0])
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/bench.json"))
+    p.add_argument("--json", type=Path, nargs="+", default=[Path("benchmarks/results/bench.json")])
+    p.add_argument("--merged", type=Path, help="with several --json: write their merge (merge_runs) here")
     p.add_argument("--decode", type=Path, nargs="+", help="decode.json files: plot these instead of --json")
     p.add_argument("--out", type=Path, help="directory for the PNGs (default: the (first) JSON's directory)")
     args = p.parse_args(argv)
@@ -212,8 +249,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batch {batch:3d}: NSA step = {fit['fixed_us']:.1f} us + bytes / {fit['tbps']:.2f} TB/s"
                   f" (largest residual {fit['max_resid_us']:.1f} us)")  # fmt: skip
         return 0
-    data = json.loads(args.json.read_text())
-    for path in make_plots(data, args.out or args.json.parent):
+    datas = [json.loads(f.read_text()) for f in args.json]
+    data = datas[0] if len(datas) == 1 else merge_runs(datas)
+    if args.merged:
+        args.merged.parent.mkdir(parents=True, exist_ok=True)
+        args.merged.write_text(json.dumps(data, indent=1))
+        print("wrote", args.merged)
+    for path in make_plots(data, args.out or (args.merged or args.json[0]).parent):
         print("wrote", path)
     return 0
 
