@@ -166,6 +166,29 @@ def test_plots_and_table_from_synthetic_json(tmp_path: Path) -> None:
     assert "4.00" in table and "nsa 1.50" in table
 
 
+def test_merged_runs_keep_each_length_from_one_run(tmp_path: Path) -> None:
+    old, new = _synthetic(), _synthetic()
+    old["env"]["git_commit"], new["env"]["git_commit"] = "a", "b"
+    T = old["records"][0]["seq_len"]
+    # the new run timed only the core at T, and slower baselines: T comes from it alone
+    new["records"] = [r | {"ms": 2 * r["ms"]} for r in new["records"] if r["seq_len"] == T]
+    new["records"] = [r for r in new["records"] if r["impl"] != "nsa" or r["part"] == "core"]
+    for i, d in enumerate((old, new)):
+        (tmp_path / f"{i}.json").write_text(json.dumps(d))
+    out = tmp_path / "merged" / "bench.json"
+    assert plot.main(["--json", str(tmp_path / "0.json"), str(tmp_path / "1.json"), "--merged", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [r["git_commit"] for r in merged["runs"]] == ["a", "b"]
+    at_t = [r for r in merged["records"] if r["seq_len"] == T]
+    assert at_t and all(r["run"] == 1 for r in at_t)
+    assert len(at_t) == len(new["records"])  # the old run's branch records at T are dropped with its core
+    assert any(r["run"] == 0 for r in merged["records"])
+    assert (out.parent / "speedup_default.png").exists()
+    new["env"]["card"] = "NVIDIA H200"
+    with pytest.raises(ValueError, match="one card"):
+        plot.merge_runs([old, new])
+
+
 @pytest.mark.parametrize("context", [5, 40, 131])
 @pytest.mark.parametrize("config", SMALL_CONFIGS[:2])
 def test_eager_decode_step_matches_the_prefill(context: int, config: ref.NSAConfig) -> None:
