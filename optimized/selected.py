@@ -5,7 +5,8 @@ into rows ``r = t G + g`` (``q`` is ``[T, HQ, DK]``, so a group's heads are adja
 ``BM`` consecutive rows of one sequence: all ``G`` heads of ``BM / G`` positions (paper section 3.4: the
 heads of a group share their blocks, so each K/V block is loaded once for all of them). ``BM = 16``, the
 smallest tensor-core tile, so ``G = 16`` gives one position per program (the paper's kernel) and a small
-group fills the tile with neighbouring positions instead of padding (``G = 4``: 4 positions).
+group fills the tile with neighbouring positions instead of padding (``G = 4``: 4 positions). The launchers
+take ``rows`` for larger tiles (``scripts/selected_tiles.py`` times them).
 
 **Forward** (grid: row tiles x H). The rows' block lists ``[BM, n]`` are loaded once, and the program
 walks the *union* of the tile's blocks in ascending order (precomputed per tile by a few sorts on the
@@ -334,14 +335,23 @@ def _packed(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x.contiguous().view(x.shape[0] * x.shape[1], *x.shape[2:]) for x in xs]
 
 
-def _row_tiles(block_idx: torch.Tensor, G: int, lengths: list[int], config: NSAConfig) -> tuple[torch.Tensor, ...]:
-    """Tiles of BM rows (``t G + g``) and the union of the blocks their positions selected.
+TILE_ROWS = 16  # rows (t G + g) per program of the forward and dq kernels: the smallest tensor-core tile
+
+
+def _row_tiles(
+    block_idx: torch.Tensor, G: int, lengths: list[int], config: NSAConfig, rows: int = TILE_ROWS
+) -> tuple[torch.Tensor, ...]:
+    """Tiles of BM = ``rows`` rows (``t G + g``) and the union of the blocks their positions selected.
 
     block_idx [TT, H, n] int32 (packed). Returns cu [S + 1], tile_seq [NT], tile_start [NT] (first row),
     union [NT, H, U] (ascending, padded with -1) and union_len [NT, H], all int32, plus BM. The union is a
     few sorts on the device; it lets the kernels walk the blocks with a plain (pipelined) ``for`` loop.
+    ``rows`` above ``TILE_ROWS`` lets neighbouring positions share each block's load also when G = 16
+    (``scripts/selected_tiles.py`` times it): fewer loads per position, more masked tensor-core work.
     """
-    BM = 16
+    if rows < TILE_ROWS or rows & (rows - 1):
+        raise ValueError(f"rows must be a power of two >= {TILE_ROWS}, got {rows}")
+    BM = rows
     cu, _, tile_seq, tile_start = sequence_tiles(lengths, config, BM, G, block_idx.device)
     TT, H, N = block_idx.shape
     P = BM // G if BM % G == 0 else BM // G + 2  # positions a tile of BM rows can touch
@@ -365,13 +375,15 @@ def selected_attention_fwd(
     config: NSAConfig,
     scale: float,
     cu_seqlens: torch.Tensor | None,
+    rows: int = TILE_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, n] -> o [B, T, HQ, DV], lse fp32."""
+    """q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, n] -> o [B, T, HQ, DV], lse fp32.
+    ``rows``: query rows per program (``_row_tiles``)."""
     B, T, HQ, _ = q.shape
     H, DV, N = k.shape[2], v.shape[3], block_idx.shape[3]
     q2, k2, v2, idx2 = _packed(q, k, v, block_idx.to(torch.int32))
     lengths = sequence_lengths(B, T, cu_seqlens)
-    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config)
+    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config, rows)
     o = torch.empty(B * T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * T, HQ, dtype=torch.float32, device=q.device)
     selected_fwd_kernel[(tile_seq.numel(), H)](
@@ -440,15 +452,17 @@ def selected_attention_bwd(
     cu_seqlens: torch.Tensor | None,
     o_dot_do: torch.Tensor | None = None,
     dq_prev: torch.Tensor | None = None,
+    rows: int = TILE_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of selected attention, shapes as q, k, v. ``o_dot_do`` (rowsum(o * do), fp32
-    [B, T, HQ]) and ``dq_prev`` as in ``interval_attention_bwd``: precomputed by a fused caller, or None."""
+    [B, T, HQ]) and ``dq_prev`` as in ``interval_attention_bwd``: precomputed by a fused caller, or None.
+    ``rows``: query rows per program of the dq kernel (``_row_tiles``)."""
     B, T, HQ, _ = q.shape
     H, N = k.shape[2], block_idx.shape[3]
     meta = _meta(q, k, v, config.select_block)
     q2, k2, v2, o2, do2, idx2 = _packed(q, k, v, o, do, block_idx.to(torch.int32))
     lengths = sequence_lengths(B, T, cu_seqlens)
-    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config)
+    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config, rows)
     lse2 = lse.contiguous().view(B * T, HQ)
     delta = attn_bwd_delta(o2, do2, None, o_dot_do).view(B * T, HQ)  # [TT, HQ]
     dq = torch.empty_like(q2)

@@ -11,7 +11,13 @@ from kernel_problems import DEVICE
 from sparse_problems import problem, sparse_problems
 
 import reference
-from optimized.selected import _row_tiles, invert_blocks, selected_attention
+from optimized.selected import (
+    _row_tiles,
+    invert_blocks,
+    selected_attention,
+    selected_attention_bwd,
+    selected_attention_fwd,
+)
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, assert_close_to_reference, check_against_reference
 
@@ -53,6 +59,35 @@ def test_selected_any_index_order(dtype: torch.dtype) -> None:
         outs.append((o, *torch.autograd.grad(o, (x.q, x.k_slc, x.v_slc), do.to(o.dtype))))
     for name, a, s, e in zip(("o", "dq", "dk", "dv"), *outs[::-1]):  # kernel, same dtype, float64
         assert_close_to_reference(a, e, s, name=name)
+
+
+@pytest.mark.parametrize(("G", "seqlens"), [(16, None), (3, (5, 29, 11))])
+def test_selected_larger_row_tiles_compute_the_same(G: int, seqlens: tuple[int, ...] | None) -> None:
+    """More rows per program (neighbouring positions share each block's load) changes only which rows a
+    program masks: o, lse and dq equal the default tiles'; dk / dv do not depend on the tiles."""
+    T, H, D = 45, 2, 16
+    p = problem(T, H, G, D, D, CFG, torch.float32, seqlens=seqlens)
+    x = p.tensors(DEVICE)
+    cu = None if seqlens is None else x.cu_seqlens
+    B = x.q.shape[0]
+    if cu is None:
+        idx = _random_block_idx(B, T, H, CFG.num_selected, CFG.select_block, seed=1).to(DEVICE)
+    else:
+        parts = [_random_block_idx(1, n, H, CFG.num_selected, CFG.select_block, seed=n) for n in seqlens]
+        idx = torch.cat(parts, dim=1).to(DEVICE)
+    do = torch.randn((*x.q.shape[:3], D), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    args = (x.q, x.k_slc, x.v_slc)
+    results = []
+    for rows in (16, 32, 64):
+        o, lse = selected_attention_fwd(*args, idx, CFG, D**-0.5, cu, rows=rows)
+        dq, dk, dv = selected_attention_bwd(*args, o, lse, do, idx, CFG, D**-0.5, cu, rows=rows)
+        results.append((o, lse, dq, dk, dv))
+    for other in results[1:]:
+        for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), results[0], other):
+            assert not a.isnan().any(), name
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="rows must be a power of two"):
+        selected_attention_fwd(*args, idx, CFG, D**-0.5, cu, rows=24)
 
 
 def test_invert_blocks_lists_every_selection_once() -> None:

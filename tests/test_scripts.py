@@ -105,3 +105,15 @@ def test_run_bench_runs_its_own_tree(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     records = json.loads((tmp_path / "bench.json").read_text())["records"]
     assert {(r["part"], r["pass"]) for r in records} == {("core", "fwd"), ("core", "bwd")}
+
+
+def test_selected_tiles_script(tmp_path: Path) -> None:
+    """selected_tiles.py: larger row tiles compute the same and load fewer blocks per position."""
+    selected_tiles = load_script("selected_tiles")
+    argv = ["--configs", "tiny", "--lengths", "40", "--rows", "32", "--out", str(tmp_path), "--device", str(DEVICE)]
+    assert selected_tiles.main(argv) == 0
+    records = {r["rows"]: r for r in json.loads((tmp_path / "selected_tiles.json").read_text())["records"]}
+    assert set(records) == {16, 32}
+    assert records[32]["rel_err_vs_default"] < 1e-2
+    assert records[32]["blocks_loaded_per_position"] < records[16]["blocks_loaded_per_position"]
+    assert records[32]["computed_per_selected_block_rows"] >= 1.0
