@@ -7,6 +7,7 @@
 #   scripts/gpu_check.sh env ab               # same-card A/B of AB_CMD against ab_base/ (scripts/ab_prepare.sh)
 #   scripts/gpu_check.sh env profile          # device time per kernel (scripts/kernel_times.py, PROFILE_ARGS)
 #   scripts/gpu_check.sh env configs          # every autotune config of every kernel (scripts/check_configs.py)
+#   scripts/gpu_check.sh env tiles            # the selected branch against its rows per program (selected_tiles.py)
 #   scripts/gpu_check.sh env ncu              # Nsight Compute on one kernel (NCU_KERNEL, NCU_CMD; clocks untouched)
 #
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
@@ -21,6 +22,7 @@
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
 # BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags), AB_CMD and AB_TIMEOUT (90 s per run, twice that in round 1) for the ab step
 # (not in the default steps: it needs ab_base/ from scripts/ab_prepare.sh).
+# TILES_ARGS and TILES_TIMEOUT (240 s) for the tiles step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -168,6 +170,13 @@ if want configs; then
     grep -E 'FAILED|skipped' "$OUT/configs.log" | head -n 20 | cut -c1-200 | sed 's/^/    /' >>"$SUMMARY"
 fi
 
+if want tiles; then
+    # the selected branch's forward and backward with larger row tiles (not in the default steps)
+    # shellcheck disable=SC2086 # TILES_ARGS is a list of flags
+    run_step "selected_tiles" "${TILES_TIMEOUT:-240}" "$OUT/tiles.log" "$PY" scripts/selected_tiles.py --out "$RESULTS" \
+        ${TILES_ARGS:---lengths 8192 65536 --configs default g4 paper_dims --rows 32 64}
+fi
+
 if want profile; then
     # device time per kernel (not in the default steps): where the core's fwd+bwd and a decode step spend it
     # shellcheck disable=SC2086 # PROFILE_ARGS is a list of flags
@@ -222,6 +231,10 @@ fi
 if [[ -f $OUT/bench.log ]] && grep -q '^error:' "$OUT/bench.log"; then
     echo "----- benchmark errors (first 20, cut to 300 characters)"
     grep '^error:' "$OUT/bench.log" | head -n 20 | cut -c1-300
+fi
+if [[ -f $OUT/tiles.log ]]; then
+    echo "----- selected branch against its rows per program"
+    grep -E ' T= *[0-9]+ rows=' "$OUT/tiles.log" | head -n 40
 fi
 if [[ -f $OUT/profile.log ]]; then
     echo "----- device time per kernel"
