@@ -178,7 +178,8 @@ def optimized_step(p: DecodeProblem, **splits: int | None) -> Callable[[], Tenso
     """``optimized.decode``: a ``DecodeCache`` filled with the problem's caches, then ``decode_attention``.
 
     The window cache is a ring indexed by ``position % W``; the compressed cache's raw tail is not read
-    by a step, so it stays empty. ``splits``: the cache's ``split_tiles`` / ``split_blocks`` (experiments).
+    by a step, so it stays empty. ``splits``: the cache's ``split_tiles`` / ``split_blocks`` / ``tile_blocks``
+    (experiments).
     """
     from optimized.decode import DecodeCache, decode_attention
 

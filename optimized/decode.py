@@ -30,13 +30,13 @@ SM (batch 1: 1 block per split, 24 splits per group; batch 32: 8 blocks, 3 split
 mean fewer partials to write and merge; at batch 32 these sizes were the fastest measured.
 
 The compressed keys are cut into *tiles* of $16\,l'/d$ keys: the keys whose strides start in 16
-consecutive selection blocks. Because $l \le l'$, selection block $j$ overlaps the compressed blocks
-$j\,l'/d - l/d < i < (j + 1)\,l'/d$ (Eq. 9), i.e. its own tile's keys plus the $l/d - 1$ keys before it (the
-*halo*). So one tile maps its probabilities to its own 16 selection blocks without any other tile, except
-for the halo, whose scores it recomputes (a 16-key dot, from L2). The scores therefore never leave the pass
-as $[B, H_Q, T_C]$ (at batch 32 and 64k, 34 MB written and read back, 18% on top of the 369 MB of keys and
-values): a tile writes its 16 blocks per head, $[B, H_Q, T_C\,d/l']$ (a quarter of that), scaled by the
-tile's own maximum.
+consecutive selection blocks (the cache's ``tile_blocks``, 16 by default). Because $l \le l'$, selection
+block $j$ overlaps the compressed blocks $j\,l'/d - l/d < i < (j + 1)\,l'/d$ (Eq. 9), i.e. its own tile's
+keys plus the $l/d - 1$ keys before it (the *halo*). So one tile maps its probabilities to its own
+selection blocks without any other tile, except for the halo, whose scores it recomputes (a 16-key dot,
+from L2). The scores therefore never leave the pass as $[B, H_Q, T_C]$ (at batch 32 and 64k, 34 MB written
+and read back, 18% on top of the 369 MB of keys and values): a tile writes its blocks' scores per head,
+$[B, H_Q, T_C\,d/l']$ (a quarter of that), scaled by the tile's own maximum.
 
 One step is four kernels:
 
@@ -431,9 +431,11 @@ class DecodeCache:
     pooling; pass a trained layer's compression modules). Unlike ``reference.NSACache``, which grows,
     this cache is allocated once for ``max_len`` tokens and its sequences may have different lengths.
 
-    ``split_tiles`` (tiles of 16 selection blocks' compressed keys per split of the compressed pass) and
-    ``split_blocks`` (selected blocks, or ``l'``-key pieces of the window, per split of the sparse pass)
-    default to sizes that give about four programs per SM; tests force them small to exercise the merges.
+    ``split_tiles`` (tiles of the compressed pass per split) and ``split_blocks`` (selected blocks, or
+    ``l'``-key pieces of the window, per split of the sparse pass) default to sizes that give about four
+    programs per SM; tests force them small to exercise the merges. ``tile_blocks`` (a power of two >= 16,
+    default ``TILE_BLOCKS``): selection blocks per tile of the compressed pass, whose keys one loop
+    iteration loads (``scripts/decode_launch.py --tile-blocks`` times larger tiles).
     """
 
     def __init__(
@@ -451,6 +453,7 @@ class DecodeCache:
         phi_v: Compress = mean_compress,
         split_tiles: int | None = None,
         split_blocks: int | None = None,
+        tile_blocks: int = TILE_BLOCKS,
     ) -> None:
         config = check_config(config if config is not None else NSAConfig())
         for name, value in (("batch_size", batch_size), ("max_len", max_len), ("num_kv_heads", num_kv_heads)):
@@ -459,6 +462,8 @@ class DecodeCache:
         for name, value in (("split_tiles", split_tiles), ("split_blocks", split_blocks)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+        if not isinstance(tile_blocks, int) or tile_blocks < TILE_BLOCKS or tile_blocks & (tile_blocks - 1):
+            raise ValueError(f"tile_blocks must be a power of two >= {TILE_BLOCKS}, got {tile_blocks!r}")
         DK, DV = head_dim, v_head_dim if v_head_dim is not None else head_dim
         if not 16 <= DK <= 256 or not 16 <= DV <= 256:
             raise ValueError(f"head dims must be in [16, 256] for the kernels, got head_dim={DK}, v_head_dim={DV}")
@@ -481,7 +486,8 @@ class DecodeCache:
         # split sizes: fixed per cache (host-known), so a step's grids never depend on the lengths
         dev = self.lengths.device
         sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
-        self.num_tiles = triton.cdiv(config.num_select_blocks(max_len), TILE_BLOCKS)
+        self.tile_blocks = tile_blocks
+        self.num_tiles = triton.cdiv(config.num_select_blocks(max_len), tile_blocks)
         if split_tiles is None:  # as many splits as fill one wave, at most one tile each
             split_tiles = triton.cdiv(self.num_tiles, min(self.num_tiles, max(1, CMP_PROGRAMS_PER_SM * sms // (B * H))))
         self.split_tiles = split_tiles
@@ -510,7 +516,7 @@ class DecodeCache:
                 "cmp_m": empty(B, HQ, NC),  # compressed pass: partial (max, sum, acc) per split
                 "cmp_l": empty(B, HQ, NC),
                 "cmp_acc": empty(B, HQ, NC, BV),
-                "sel": empty(B, HQ, self.num_tiles * TILE_BLOCKS),  # per head and selection block, Eq. 8-9
+                "sel": empty(B, HQ, self.num_tiles * self.tile_blocks),  # per head and selection block, Eq. 8-9
                 "sel_ref": empty(B, HQ, self.num_tiles),  # per head and tile: the max score u is relative to
                 "part_m": empty(B, HQ, NP),  # sparse pass: partial (max, sum, acc) per split
                 "part_l": empty(B, HQ, NP),
@@ -615,19 +621,20 @@ def decode_attention(
     NSS = triton.cdiv(n, SB)
     NSM = config.num_select_blocks(cache.max_len)
     BSEL = triton.next_power_of_2(n)
-    NSP = max(16, BSEL, triton.next_power_of_2(NSM))  # the score row, padded (tl.topk needs NSP >= BSEL)
+    BJ = cache.tile_blocks
+    NSP = max(BJ, BSEL, triton.next_power_of_2(NSM))  # the score row, padded (tl.topk needs NSP >= BSEL), whole tiles
     block_idx = torch.empty(B, H, n, dtype=torch.int32, device=q.device)
     o = torch.empty(B, 1, HQ, DV, dtype=q.dtype, device=q.device)
     precision = dot_precision(q.dtype)
     decode_compressed_kernel[(B, H, NC)](
         q, cache.k_cmp, cache.v_cmp, cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["sel"],
         ws["sel_ref"], scale, cache.k_cmp.shape[1], NT, cache.split_tiles, H=H, G=G, DK=DK, DV=DV, L=L, D=D, LS=LS,
-        NC=NC, BG=BG, BK=BK, BV=BV, BJ=TILE_BLOCKS, BH=BH, DOT_PRECISION=precision, **LAUNCH["compressed"],
+        NC=NC, BG=BG, BK=BK, BV=BV, BJ=BJ, BH=BH, DOT_PRECISION=precision, **LAUNCH["compressed"],
     )  # fmt: skip
     decode_select_kernel[(B, H)](
         cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], block_idx, NT, H=H, G=G, LS=LS,
         N_SEL=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, NC=NC, BG=BG,
-        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=TILE_BLOCKS, NSP=NSP, BSEL=BSEL,
+        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=BJ, NSP=NSP, BSEL=BSEL,
         **LAUNCH["select"],
     )  # fmt: skip
     decode_sparse_kernel[(B, H, NSPLIT)](

@@ -1,12 +1,12 @@
 """Experiment: the decode step's time against its launch options, one knob at a time from the defaults.
 
 Knobs: ``num_warps`` and ``num_stages`` of each of the four kernels (``optimized.decode.LAUNCH``) and the
-cache's split sizes (``split_tiles`` of the compressed pass, ``split_blocks`` of the sparse pass). Every
+cache's sizes (``split_tiles`` and ``tile_blocks`` of the compressed pass, ``split_blocks`` of the sparse pass). Every
 variant is checked against the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per
 variant; writes ``decode_launch.json`` to ``--out``.
 
     python scripts/decode_launch.py --contexts 65536 --batches 1 32 --warps select=4,16 compressed=8 \\
-        --stages compressed=3,4 --split-tiles 1 2 4 --split-blocks 1 2 4
+        --stages compressed=3,4 --split-tiles 1 2 4 --split-blocks 1 2 4 --tile-blocks 32
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, dict[str, in
             out += [(f"{kernel} {option}={v}", {kernel: {option: int(v)}}, {}) for v in values.split(",")]
     out += [(f"split_tiles={n}", {}, {"split_tiles": n}) for n in args.split_tiles]
     out += [(f"split_blocks={n}", {}, {"split_blocks": n}) for n in args.split_blocks]
+    out += [(f"tile_blocks={n}", {}, {"tile_blocks": n}) for n in args.tile_blocks]
     return out
 
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", nargs="*", default=[], help="KERNEL=S1,S2 (pipeline stages)")
     p.add_argument("--split-tiles", type=int, nargs="*", default=[])
     p.add_argument("--split-blocks", type=int, nargs="*", default=[])
+    p.add_argument("--tile-blocks", type=int, nargs="*", default=[], help="selection blocks per compressed tile")
     p.add_argument("--budget-ms", type=float, default=100.0)
     p.add_argument("--min-reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("/tmp"))

@@ -58,14 +58,14 @@ def _workspace_scores(ws, H):
     return p.view(p.shape[0], H, -1, p.shape[-1]).sum(2)
 
 
-def _run_decode(x, prompts, steps, config, dtype, max_len, splits=(None, None)):
+def _run_decode(x, prompts, steps, config, dtype, max_len, splits=(None, None, 16)):
     """Decode ``steps`` tokens after the prompts: per step o [B, HQ, DV], block_idx [B, H, n] and the
-    selection scores [B, H, NT * 16] rebuilt from the cache's workspace (Eq. 10)."""
+    selection scores [B, H, NT * tile_blocks] rebuilt from the cache's workspace (Eq. 10)."""
     B, _, H, DK = x["k_slc"].shape
-    split_tiles, split_blocks = splits
+    split_tiles, split_blocks, tile_blocks = splits
     cache = DecodeCache(
         B, max_len, H, DK, x["v_slc"].shape[-1], config, dtype=dtype, device=DEVICE,
-        split_tiles=split_tiles, split_blocks=split_blocks,
+        split_tiles=split_tiles, split_blocks=split_blocks, tile_blocks=tile_blocks,
     )  # fmt: skip
 
     def dev(t):
@@ -101,22 +101,27 @@ def _run_decode(x, prompts, steps, config, dtype, max_len, splits=(None, None)):
             reference.NSAConfig(4, 4, 8, 6, 2, 1, 40),
         ]
     ),
-    splits=st.sampled_from([(None, None), (1, 1), (1, 3)]),
+    splits=st.sampled_from([(None, None, 16), (1, 1, 16), (1, 3, 16), (None, None, 32), (1, 2, 32)]),
     seed=st.integers(0, 2**16),
 )
 @example(
     prompts=[7, 8, 9], steps=3, G=2, dims=(16, 16), config=reference.NSAConfig(8, 4, 16, 4, 1, 2, 24),
-    splits=(None, None), seed=0,
+    splits=(None, None, 16), seed=0,
 )  # fmt: skip
 @example(  # 3 tiles of 256 tokens, one per split; a halo of l/d - 1 = 3 keys; the short sequence's last split is empty
-    prompts=[580, 200], steps=2, G=3, dims=(16, 16), config=reference.NSAConfig(16, 4, 16, 4, 1, 1, 24), splits=(1, 3),
-    seed=1,
+    prompts=[580, 200], steps=2, G=3, dims=(16, 16), config=reference.NSAConfig(16, 4, 16, 4, 1, 1, 24),
+    splits=(1, 3, 16), seed=1,
+)  # fmt: skip
+@example(  # the same with tiles of 32 selection blocks: 2 tiles of 512 tokens
+    prompts=[580, 200], steps=2, G=3, dims=(16, 16), config=reference.NSAConfig(16, 4, 16, 4, 1, 1, 24),
+    splits=(1, 3, 32), seed=1,
 )  # fmt: skip
 def test_decode_equals_parallel_forward(prompts, steps, G, dims, config, splits, seed):
     """Ragged batch: each step's output and selection equal the parallel forward's row at that position.
 
-    ``splits`` = (split_tiles, split_blocks): the cache's defaults, or forced small so that the compressed
-    pass (tiles of 16 selection blocks) and the sparse pass (selected blocks, window) run in several splits.
+    ``splits`` = (split_tiles, split_blocks, tile_blocks): the cache's defaults, or forced small so that the
+    compressed pass (tiles of 16 or 32 selection blocks) and the sparse pass (selected blocks, window) run in
+    several splits.
     """
     _check_decode(prompts, steps, G, dims, config, splits, seed)
 
@@ -124,7 +129,7 @@ def test_decode_equals_parallel_forward(prompts, steps, G, dims, config, splits,
 def test_decode_select_sums_heads_in_groups(monkeypatch):
     """Long score rows make the select kernel sum the heads a few at a time: forced to one at a time here."""
     monkeypatch.setattr(decode, "SELECT_ENTRIES", 16)
-    _check_decode([90, 200], 2, 3, (16, 16), reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), (None, None), 2)
+    _check_decode([90, 200], 2, 3, (16, 16), reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), (None, None, 16), 2)
 
 
 def _check_decode(prompts, steps, G, dims, config, splits, seed):
@@ -154,6 +159,11 @@ def test_split_sizes_fill_the_gpu():
     assert (many.split_blocks, many.num_sparse_splits) == (8, 2 + 1)  # 128 * 3 programs
     with pytest.raises(ValueError, match="split_tiles"):
         DecodeCache(1, 64, 1, 16, config=config, device="meta", split_tiles=0)
+    wide = DecodeCache(1, 65536, 4, 128, config=config, device="meta", tile_blocks=32)
+    assert (wide.num_tiles, wide.split_tiles, wide.num_cmp_splits) == (32, 1, 32)
+    for bad in (8, 24):
+        with pytest.raises(ValueError, match="tile_blocks must be a power of two >= 16"):
+            DecodeCache(1, 64, 1, 16, config=config, device="meta", tile_blocks=bad)
 
 
 def test_cache_overflow_raises():

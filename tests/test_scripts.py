@@ -81,7 +81,7 @@ def test_decode_launch_variants() -> None:
     """decode_launch.py turns its knobs into one variant each: launch options per kernel, then cache splits."""
     decode_launch = load_script("decode_launch")
     args = decode_launch.argparse.Namespace(
-        warps=["select=4,16"], stages=["compressed=3"], split_tiles=[2], split_blocks=[]
+        warps=["select=4,16"], stages=["compressed=3"], split_tiles=[2], split_blocks=[], tile_blocks=[32]
     )
     assert decode_launch.variants(args) == [
         ("default", {}, {}),
@@ -89,6 +89,7 @@ def test_decode_launch_variants() -> None:
         ("select num_warps=16", {"select": {"num_warps": 16}}, {}),
         ("compressed num_stages=3", {"compressed": {"num_stages": 3}}, {}),
         ("split_tiles=2", {}, {"split_tiles": 2}),
+        ("tile_blocks=32", {}, {"tile_blocks": 32}),
     ]
     args.stages = ["no_such_kernel=3"]
     with pytest.raises(SystemExit, match="--stages: kernel must be one of"):
