@@ -63,6 +63,7 @@ from ._sparse import sequence_lengths, sequence_tiles
 
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 _TUNE_KEY = ["G", "BK", "BV", "BN", "TUNE_T"]  # TUNE_T: log2 bucket of the tokens (tune_bucket)
+_ROWS_TUNE_KEY = [*_TUNE_KEY, "BM"]  # the forward and dq kernels: tuned per row tile (``rows``)
 
 
 @triton.jit
@@ -92,7 +93,7 @@ def _row_setup(
     return bos, o_t, o_row, m_r, b_idx
 
 
-@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(1, 2, 3)), key=_TUNE_KEY)
+@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(1, 2, 3)), key=_ROWS_TUNE_KEY)
 @triton.jit
 def selected_fwd_kernel(
     q,  # [TT, HQ, DK]
@@ -161,7 +162,7 @@ def selected_fwd_kernel(
     tl.store(lse + o_row, b_lse, mask=m_r)
 
 
-@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(1, 2, 3)), key=_TUNE_KEY)
+@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(1, 2, 3)), key=_ROWS_TUNE_KEY)
 @triton.jit
 def selected_bwd_dq_kernel(
     q,
