@@ -345,8 +345,10 @@ def _row_tiles(
     """Tiles of BM = ``rows`` rows (``t G + g``) and the union of the blocks their positions selected.
 
     block_idx [TT, H, n] int32 (packed). Returns cu [S + 1], tile_seq [NT], tile_start [NT] (first row),
-    union [NT, H, U] (ascending, padded with -1) and union_len [NT, H], all int32, plus BM. The union is a
-    few sorts on the device; it lets the kernels walk the blocks with a plain (pipelined) ``for`` loop.
+    union [NT, H, U] (ascending, padded with -1) and union_len [NT, H], all int32, plus BM. The union is
+    built on the device: one sort when a tile is one position (BM = G, as at G = 16), else a gather of the
+    tile's positions (their indices built once per shape) and two sorts. It lets the kernels walk the blocks
+    with a plain (pipelined) ``for`` loop.
     ``rows`` above ``TILE_ROWS`` lets neighbouring positions share each block's load also when G = 16
     (``scripts/selected_tiles.py`` times it): fewer loads per position, more masked tensor-core work.
     """
@@ -356,15 +358,23 @@ def _row_tiles(
     cu, _, tile_seq, tile_start = sequence_tiles(lengths, config, BM, G, block_idx.device)
     TT, H, N = block_idx.shape
     P = BM // G if BM % G == 0 else BM // G + 2  # positions a tile of BM rows can touch
-    first = tile_start.long() // G
-    last = (torch.minimum(tile_start.long() + BM, cu.long()[tile_seq.long() + 1] * G) - 1) // G
-    pos = torch.minimum(first[:, None] + torch.arange(P, device=first.device), last[:, None])  # [NT, P]
-    idx = block_idx[pos].permute(0, 2, 1, 3).reshape(-1, H, P * N).long()  # [NT, H, P n]
+    if P == 1:  # BM = G: tile i is position i, and its union is its own list (a row repeats no block)
+        idx = block_idx  # [NT = TT, H, n]
+    else:
+
+        def positions() -> tuple[torch.Tensor]:  # sizes only: built once per shape (shape_metadata)
+            first = tile_start.long() // G
+            last = (torch.minimum(tile_start.long() + BM, cu.long()[tile_seq.long() + 1] * G) - 1) // G
+            return (torch.minimum(first[:, None] + torch.arange(P, device=first.device), last[:, None]),)  # [NT, P]
+
+        (pos,) = shape_metadata(positions, ("tile_positions", tuple(lengths), G, BM, block_idx.device))
+        idx = block_idx[pos].permute(0, 2, 1, 3).reshape(-1, H, P * N)  # [NT, H, P n]
     idx = torch.sort(torch.where(idx >= 0, idx, TT), dim=-1).values  # "none" sorts last
-    repeat = torch.nn.functional.pad(idx[..., 1:] == idx[..., :-1], (1, 0), value=False)
-    idx = torch.sort(torch.where(repeat, TT, idx), dim=-1).values
-    union_len = (idx < TT).sum(-1).to(torch.int32)
-    union = torch.where(idx < TT, idx, -1).to(torch.int32).contiguous()
+    if P > 1:  # a block that several positions selected: keep one
+        repeat = torch.nn.functional.pad(idx[..., 1:] == idx[..., :-1], (1, 0), value=False)
+        idx = torch.sort(torch.where(repeat, TT, idx), dim=-1).values
+    union_len = (idx < TT).sum(-1, dtype=torch.int32)
+    union = torch.where(idx < TT, idx, -1)
     return cu, tile_seq, tile_start, union, union_len, BM
 
 

@@ -90,6 +90,24 @@ def test_selected_larger_row_tiles_compute_the_same(G: int, seqlens: tuple[int, 
         selected_attention_fwd(*args, idx, CFG, D**-0.5, cu, rows=24)
 
 
+@pytest.mark.parametrize(("G", "rows"), [(16, 16), (16, 32), (3, 16), (4, 64), (32, 16)])
+def test_row_tiles_union_is_the_blocks_of_the_tiles_positions(G: int, rows: int) -> None:
+    """Each tile's union: exactly the blocks its positions selected, ascending, -1 padded (also BM = G, where a
+    tile is one position and the union is its sorted list)."""
+    lengths = [20, 7, 33]
+    idx = torch.cat([_random_block_idx(1, n, 2, 3, 4, seed=n)[0] for n in lengths])  # [TT, H, n], any order
+    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx, G, lengths, CFG, rows)
+    assert BM == rows and union.dtype == union_len.dtype == torch.int32
+    for i in range(tile_seq.numel()):
+        end = int(cu[tile_seq[i] + 1]) * G
+        positions = range(int(tile_start[i]) // G, (min(int(tile_start[i]) + BM, end) - 1) // G + 1)
+        for h in range(idx.shape[1]):
+            want = sorted({int(b) for t in positions for b in idx[t, h] if b >= 0})
+            n = int(union_len[i, h])
+            assert union[i, h, :n].tolist() == want
+            assert (union[i, h, n:] == -1).all()
+
+
 def test_invert_blocks_lists_every_selection_once() -> None:
     lengths = [20, 7, 33]
     idx = torch.cat([_random_block_idx(1, n, 2, 3, 4, seed=n)[0] for n in lengths])  # [TT, H, n]
