@@ -38,27 +38,27 @@ from L2). The scores therefore never leave the pass as $[B, H_Q, T_C]$ (at batch
 and read back, 18% on top of the 369 MB of keys and values): a tile writes its blocks' scores per head,
 $[B, H_Q, T_C\,d/l']$ (a quarter of that), scaled by the tile's own maximum.
 
-One step is three kernels:
+One step is four kernels:
 
 1. ``decode_compressed_kernel``, grid $(B, H, S_C)$: split $c$ walks its tiles for the $G$ query heads of a
    group: online softmax over the tile's keys (partial $m, \ell, acc$ of the compressed branch), and per head
    $g$ and selection block $j$ of the tile $u_{gj} = \sum_i w_{ij}\, 2^{s_{gi} - r_g}$ (Eq. 8-9 before the
    normalisation), with the tile's maximum score $r_g$.
-2. ``decode_sparse_kernel``, grid $(B, H, S_S)$: each split attends to ``split_blocks`` selected blocks or
-   ``split_blocks`` $\cdot\, l'$ keys of the window, writing a partial. Each selected-block split first picks
-   the group's blocks itself (:func:`select_top_n`): it merges the partial log-sum-exps, finishes Eq. 8-10
-   $p_j = \sum_g 2^{r_g - \mathrm{lse}_g}\, u_{gj}$ and takes the top $n$ with the forced blocks (Eq. 11) by one
+2. ``decode_select_kernel``, grid $(B, H)$: merges the partial log-sum-exps, finishes Eq. 8-10
+   $p_j = \sum_g 2^{r_g - \mathrm{lse}_g}\, u_{gj}$ and picks the top $n$ with the forced blocks (Eq. 11) by one
    bitonic ``tl.topk`` over the row of $\lceil (t + 1) / l' \rceil$ candidates (1024 at 64k), packed as
    (score, index) keys. The row stays in registers, and the loads do not wait for the sequence's length:
    the entries past its candidates are masked out after loading.
-3. ``decode_combine_kernel``, grid $(B, H_Q)$: merges the partials of each branch per query head and
+3. ``decode_sparse_kernel``, grid $(B, H, S_S)$: each split attends to ``split_blocks`` selected blocks or
+   ``split_blocks`` $\cdot\, l'$ keys of the window, writing a partial.
+4. ``decode_combine_kernel``, grid $(B, H_Q)$: merges the partials of each branch per query head and
    applies the gates (Eq. 5).
 
-The selected splits repeat the top-$n$ (at batch 1 and 64k, 16 splits per kv head, each reading its group's
-64 KB of scores from L2) instead of waiting for one select program in a launch of its own: a launch is
-a fixed latency that a batch-1 step pays in full (docs/decoding.md), redundant work in parallel is not.
-With four kernels (a separate select), an H200 at 64k took 5.8, 4.6 (select), 3.4 and 4.1 us (batch 32:
-98.9, 6.6, 30.5 and 9.0 us).
+The selection cannot fold into the combine (the sparse pass needs its block indices first), so four
+launches is the minimum for this dependency chain without inter-program synchronisation or redundant work
+(docs/decoding.md lists the options; the performance log, a written three-launch candidate). At batch 1 the
+launches and the serial select program dominate: on an H200 at 64k the four kernels take 5.8, 4.6, 3.4
+and 4.1 us (batch 32: 98.9, 6.6, 30.5 and 9.0 us).
 """
 
 from __future__ import annotations
@@ -87,11 +87,12 @@ Compress = Callable[[torch.Tensor], torch.Tensor]  # phi: [..., l, D] -> [..., D
 TILE_BLOCKS = 16  # selection blocks per tile of the compressed pass (tl.dot needs >= 16 columns)
 CMP_PROGRAMS_PER_SM = 3  # the compressed pass: one wave of programs (about 3 fit on an SM at D = 128)
 SPARSE_PROGRAMS_PER_SM = 2  # the sparse pass: at least this many programs per SM
-SELECT_ENTRIES = 32768  # sel entries in registers at once at 8 warps (128 a thread; scaled to the warps)
+SELECT_ENTRIES = 32768  # the select kernel's sel entries in registers at once (128 a thread at 8 warps)
 # Launch options per kernel (no autotuning: a step takes microseconds and its grids are fixed per cache;
 # chosen from per-kernel timings at 64k, batch 1 and 32, on an H200).
 LAUNCH: dict = {
     "compressed": {"num_warps": 4, "num_stages": 2},
+    "select": {"num_warps": 8, "num_stages": 1},
     "sparse": {"num_warps": 4, "num_stages": 3},
     "combine": {"num_warps": 4, "num_stages": 1},
 }
@@ -187,14 +188,13 @@ def decode_compressed_kernel(
 
 
 @triton.jit
-def select_top_n(
+def decode_select_kernel(
     lengths,
     cmp_m,
     cmp_l,
     sel,
     sel_ref,
-    i_b,
-    i_h,
+    block_idx,
     NT,
     H: tl.constexpr,
     G: tl.constexpr,
@@ -210,13 +210,13 @@ def select_top_n(
     NSP: tl.constexpr,
     BSEL: tl.constexpr,
 ):
-    """Selection scores (Eq. 8-10) and top-n (Eq. 11) of the newest token of sequence i_b, kv head i_h.
+    """Selection scores (Eq. 8-10) and top-n (Eq. 11) of the newest token of sequence b, kv head h.
 
     Reads the compressed pass's cmp_m / cmp_l [B, HQ, NC], sel [B, HQ, NT * BJ] and sel_ref [B, HQ, NT]
-    (NT * BJ <= NSP). Returns the block indices b_sel [BSEL] int32, ascending, -1 from N_SEL on and for
-    untaken slots. The score row [NSP] never leaves registers; the heads are summed BGC at a time (BG at
-    once unless NSP is large).
+    (NT * BJ <= NSP); writes block_idx [B, H, N_SEL] int32 (ascending, -1 padded). The score row [NSP] never
+    leaves registers; the heads are summed BGC at a time (BG at once unless NSP is large).
     """
+    i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     HQ: tl.constexpr = H * G
     NT2: tl.constexpr = NSP // BJ  # tiles of the padded row
     t = tl.load(lengths + i_b) - 1
@@ -268,7 +268,7 @@ def select_top_n(
     b_sel = tl.where((o_sel < N_SEL) & (b_top >= 0), b_idx, NSP)
     b_sel = tl.sort(b_sel, 0)  # ascending; the untaken (NSP) sort to the end
     b_sel = tl.where(b_sel == NSP, -1, b_sel)
-    return b_sel
+    tl.store(block_idx + (i_b * H + i_h) * N_SEL + o_sel, b_sel, mask=o_sel < N_SEL)
 
 
 @triton.jit
@@ -279,10 +279,6 @@ def decode_sparse_kernel(
     k_win,
     v_win,
     lengths,
-    cmp_m,
-    cmp_l,
-    sel,
-    sel_ref,
     block_idx,
     part_m,
     part_l,
@@ -290,7 +286,6 @@ def decode_sparse_kernel(
     scale,
     MAXLEN,
     WR,
-    NT,
     H: tl.constexpr,
     G: tl.constexpr,
     DK: tl.constexpr,
@@ -298,18 +293,10 @@ def decode_sparse_kernel(
     LS: tl.constexpr,
     W: tl.constexpr,
     N_SEL: tl.constexpr,
-    N_INIT: tl.constexpr,
-    N_LOCAL: tl.constexpr,
-    NC: tl.constexpr,
     SB: tl.constexpr,
     NSS: tl.constexpr,
     NSPLIT: tl.constexpr,
     BG: tl.constexpr,
-    BGC: tl.constexpr,
-    BP: tl.constexpr,
-    BJ: tl.constexpr,
-    NSP: tl.constexpr,
-    BSEL: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     BN: tl.constexpr,
@@ -317,24 +304,13 @@ def decode_sparse_kernel(
 ):
     """One split of the selected or window branch: a partial (max, sum, acc) of the group's G heads.
 
-    Split p < NSS picks the group's top-n blocks itself (:func:`select_top_n`, from the compressed pass's
-    workspace; every selected split repeats it, so that no launch waits for a select kernel) and reads blocks
-    p * SB ... (p + 1) * SB - 1 of them; split 0 also writes them to block_idx [B, H, N_SEL] int32. Split
-    p >= NSS reads the window's keys t - w + 1 + (p - NSS) * SB * BN ... + SB * BN (ring index s mod WR).
-    Writes part_m / part_l [B, HQ, NSPLIT] and part_acc [B, HQ, NSPLIT, BV], fp32.
+    Split p < NSS reads selected blocks block_idx[b, h, p * SB : (p + 1) * SB]; split p >= NSS reads the
+    window's keys t - w + 1 + (p - NSS) * SB * BN ... + SB * BN (ring index s mod WR). Writes
+    part_m / part_l [B, HQ, NSPLIT] and part_acc [B, HQ, NSPLIT, BV], fp32.
     """
     i_b, i_h, i_p = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     HQ: tl.constexpr = H * G
     t = tl.load(lengths + i_b) - 1
-    o_sel = tl.arange(0, BSEL)
-    b_sel = tl.full([BSEL], -1, dtype=tl.int32)
-    if i_p < NSS:
-        b_sel = select_top_n(
-            lengths, cmp_m, cmp_l, sel, sel_ref, i_b, i_h, NT, H, G, LS, N_SEL, N_INIT, N_LOCAL, NC, BG, BGC, BP,
-            BJ, NSP, BSEL,
-        )  # fmt: skip
-        if i_p == 0:
-            tl.store(block_idx + (i_b * H + i_h) * N_SEL + o_sel, b_sel, mask=o_sel < N_SEL)
     o_g, o_k, o_v, o_n = tl.arange(0, BG), tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
     m_g, m_dk, m_dv = o_g < G, o_k < DK, o_v < DV
     o_row = i_b * HQ + i_h * G + o_g  # [BG]
@@ -344,8 +320,8 @@ def decode_sparse_kernel(
     b_acc = tl.zeros([BG, BV], dtype=tl.float32)
     for i_s in range(SB):
         if i_p < NSS:
-            i_n = i_p * SB + i_s  # the i_n-th selected block (-1 past the n, or if untaken)
-            blk = tl.sum(tl.where(o_sel == i_n, b_sel + 1, 0), 0) - 1
+            i_n = i_p * SB + i_s  # the i_n-th selected block
+            blk = tl.load(block_idx + (i_b * H + i_h) * N_SEL + i_n, mask=i_n < N_SEL, other=-1)
             o_s = blk * LS + o_n  # [BN] tokens of the selected block (Eq. 12)
             m_n = (blk >= 0) & (o_n < LS) & (o_s <= t)
             o_key = (i_b * MAXLEN + o_s) * H + i_h
@@ -655,13 +631,17 @@ def decode_attention(
         ws["sel_ref"], scale, cache.k_cmp.shape[1], NT, cache.split_tiles, H=H, G=G, DK=DK, DV=DV, L=L, D=D, LS=LS,
         NC=NC, BG=BG, BK=BK, BV=BV, BJ=BJ, BH=BH, DOT_PRECISION=precision, **LAUNCH["compressed"],
     )  # fmt: skip
+    decode_select_kernel[(B, H)](
+        cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], block_idx, NT, H=H, G=G, LS=LS,
+        N_SEL=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, NC=NC, BG=BG,
+        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=BJ, NSP=NSP, BSEL=BSEL,
+        **LAUNCH["select"],
+    )  # fmt: skip
     decode_sparse_kernel[(B, H, NSPLIT)](
-        q, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"],
-        ws["sel_ref"], block_idx, ws["part_m"], ws["part_l"], ws["part_acc"], scale, cache.max_len,
-        cache.window_len, NT, H=H, G=G, DK=DK, DV=DV, LS=LS, W=config.window, N_SEL=n, N_INIT=config.num_initial,
-        N_LOCAL=config.num_local, NC=NC, SB=SB, NSS=NSS, NSPLIT=NSPLIT, BG=BG,
-        BGC=min(BG, max(1, SELECT_ENTRIES * LAUNCH["sparse"]["num_warps"] // 8 // NSP)), BP=_pow2_at_most(NC, 64),
-        BJ=BJ, NSP=NSP, BSEL=BSEL, BK=BK, BV=BV, BN=BN, DOT_PRECISION=precision, **LAUNCH["sparse"],
+        q, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, cache.lengths, block_idx, ws["part_m"],
+        ws["part_l"], ws["part_acc"], scale, cache.max_len, cache.window_len, H=H, G=G, DK=DK, DV=DV, LS=LS,
+        W=config.window, N_SEL=n, SB=SB, NSS=NSS, NSPLIT=NSPLIT, BG=BG, BK=BK, BV=BV, BN=BN,
+        DOT_PRECISION=precision, **LAUNCH["sparse"],
     )  # fmt: skip
     decode_combine_kernel[(B, HQ)](
         ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["part_m"], ws["part_l"], ws["part_acc"], gates, o, HQ=HQ,

@@ -5,7 +5,7 @@ cache's sizes (``split_tiles`` and ``tile_blocks`` of the compressed pass, ``spl
 variant is checked against the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per
 variant; writes ``decode_launch.json`` to ``--out``.
 
-    python scripts/decode_launch.py --contexts 65536 --batches 1 32 --warps sparse=2,8 compressed=8 \\
+    python scripts/decode_launch.py --contexts 65536 --batches 1 32 --warps select=4,16 compressed=8 \\
         --stages compressed=3,4 --split-tiles 1 2 4 --split-blocks 1 2 4 --tile-blocks 32
 """
 

@@ -55,15 +55,12 @@ KERNELS = {
         )
         for g in (16, 4, 1)
     },
-    # the decode step's sparse pass at 64k (its selected splits pick the top-n themselves: 1024 candidates)
-    "decode_sparse": (
-        decode.decode_sparse_kernel,
-        dict(H=4, G=16, DK=128, DV=128, LS=64, W=512, N_SEL=16, N_INIT=1, N_LOCAL=2, NC=64, SB=1, NSS=16)
-        | dict(NSPLIT=24, BG=16, BGC=16, BP=64, BJ=16, NSP=1024, BSEL=16, BK=128, BV=128, BN=64)
-        | {"DOT_PRECISION": "tf32"},
-        {name: "*fp32" for name in ("cmp_m", "cmp_l", "sel", "sel_ref", "part_m", "part_l", "part_acc")}
-        | {name: "*bf16" for name in ("k_slc", "v_slc", "k_win", "v_win")},
-        decode.LAUNCH["sparse"],
+    # the decode step's select kernel at 64k (1024 candidate blocks), one program per sequence and kv head
+    "decode_select": (
+        decode.decode_select_kernel,
+        dict(H=4, G=16, LS=64, N_SEL=16, N_INIT=1, N_LOCAL=2, NC=64, BG=16, BGC=16, BP=64, BJ=16, NSP=1024, BSEL=16),
+        {name: "*fp32" for name in ("cmp_m", "cmp_l", "sel", "sel_ref")},
+        decode.LAUNCH["select"],
     ),
     # the decode step's compressed pass (its time at batch 32: docs/performance.md)
     "decode_compressed": (

@@ -67,12 +67,12 @@ def test_spills_reports_registers_and_sass(tmp_path: Path) -> None:
     process: this one runs the kernels in the interpreter, where they cannot be compiled)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = [sys.executable, str(SCRIPTS / "spills.py")]
-    done = subprocess.run([*run, "decode_sparse", "--sass-dir", str(tmp_path)], env=env, capture_output=True, text=True)
+    done = subprocess.run([*run, "decode_select", "--sass-dir", str(tmp_path)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "decode_sparse" in done.stdout and "regs" in done.stdout and "spill stores" in done.stdout
+    assert "decode_select" in done.stdout and "regs" in done.stdout and "spill stores" in done.stdout
     counts = [int(n) for n in re.findall(r"sass: (\d+) instructions", done.stdout)]
     assert counts and all(n > 100 for n in counts)
-    assert any(path.read_text().count("BAR.SYNC") for path in tmp_path.glob("decode_sparse_*.sass"))
+    assert any(path.read_text().count("BAR.SYNC") for path in tmp_path.glob("decode_select_*.sass"))
     bad = subprocess.run([*run, "no_such_kernel"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "kernel must be one of" in bad.stderr
 
@@ -81,12 +81,12 @@ def test_decode_launch_variants() -> None:
     """decode_launch.py turns its knobs into one variant each: launch options per kernel, then cache splits."""
     decode_launch = load_script("decode_launch")
     args = decode_launch.argparse.Namespace(
-        warps=["sparse=2,8"], stages=["compressed=3"], split_tiles=[2], split_blocks=[], tile_blocks=[32]
+        warps=["select=4,16"], stages=["compressed=3"], split_tiles=[2], split_blocks=[], tile_blocks=[32]
     )
     assert decode_launch.variants(args) == [
         ("default", {}, {}),
-        ("sparse num_warps=2", {"sparse": {"num_warps": 2}}, {}),
-        ("sparse num_warps=8", {"sparse": {"num_warps": 8}}, {}),
+        ("select num_warps=4", {"select": {"num_warps": 4}}, {}),
+        ("select num_warps=16", {"select": {"num_warps": 16}}, {}),
         ("compressed num_stages=3", {"compressed": {"num_stages": 3}}, {}),
         ("split_tiles=2", {}, {"split_tiles": 2}),
         ("tile_blocks=32", {}, {"tile_blocks": 32}),
