@@ -5,7 +5,8 @@ tiles let 2 or 4 neighbouring positions share one load of each block in their un
 position, more masked tensor-core rows). The selections are real: the optimized selection on the
 benchmark's random inputs. Each variant is checked against the default tiles (same o and dq up to the
 dot's rounding). Prints ms, the blocks loaded per position (union / positions per tile) and the computed
-block-rows per selected block-row; writes ``selected_tiles.json`` to ``--out``.
+block-rows per selected block-row; writes ``selected_tiles.json`` to ``--out``. Each call reruns on one input
+set (at 8k its K/V stay in the L2): compare the variants with each other, not with ``bench.json``.
 
     python scripts/selected_tiles.py --lengths 8192 65536 --configs default g4 paper_dims --rows 32 64
 """
