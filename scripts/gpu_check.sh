@@ -22,7 +22,7 @@
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
 # BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags), AB_CMD and AB_TIMEOUT (90 s per run, twice that in round 1) for the ab step
 # (not in the default steps: it needs ab_base/ from scripts/ab_prepare.sh).
-# TILES_ARGS and TILES_TIMEOUT (240 s) for the tiles step.
+# TILES_ARGS and TILES_TIMEOUT (420 s: it autotunes each row tile) for the tiles step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -173,7 +173,7 @@ fi
 if want tiles; then
     # the selected branch's forward and backward with larger row tiles (not in the default steps)
     # shellcheck disable=SC2086 # TILES_ARGS is a list of flags
-    run_step "selected_tiles" "${TILES_TIMEOUT:-240}" "$OUT/tiles.log" "$PY" scripts/selected_tiles.py --out "$RESULTS" \
+    run_step "selected_tiles" "${TILES_TIMEOUT:-420}" "$OUT/tiles.log" "$PY" scripts/selected_tiles.py --out "$RESULTS" \
         ${TILES_ARGS:---lengths 8192 65536 --configs default g4 paper_dims --rows 32 64}
 fi
 
