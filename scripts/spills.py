@@ -44,8 +44,16 @@ KERNELS = {
     "interval_fwd": (_interval.interval_fwd_kernel, DIMS, {}),
     "interval_dq": (_interval.interval_bwd_dq_kernel, {**DIMS, "HAS_DQ_PREV": True}, {}),
     "interval_dkv": (_interval.interval_bwd_dkv_kernel, {**DIMS, "ATOMIC": True}, {"dk": "*fp32", "dv": "*fp32"}),
-    "selected_fwd": (selected.selected_fwd_kernel, {**DIMS, **SPARSE, "BM": 64}, {}),
-    "selected_dq": (selected.selected_bwd_dq_kernel, {**DIMS, **SPARSE, "BM": 64, "HAS_DQ_PREV": True}, {}),
+    # the selected forward and dq at their row tile (TILE_ROWS = 16 rows: one position at G = 16) and at the
+    # larger tiles that scripts/selected_tiles.py times (2 and 4 positions)
+    **{
+        f"selected_{name}{'' if bm == 16 else f'_bm{bm}'}": (kernel, {**DIMS, **SPARSE, "BM": bm, **extra}, {})
+        for name, kernel, extra in (
+            ("fwd", selected.selected_fwd_kernel, {}),
+            ("dq", selected.selected_bwd_dq_kernel, {"HAS_DQ_PREV": True}),
+        )
+        for bm in (16, 32, 64)
+    },
     **{
         f"selection_g{g}": (
             selection.select_blocks_kernel,
@@ -63,12 +71,15 @@ KERNELS = {
         decode.LAUNCH["select"],
     ),
     # the decode step's compressed pass (its time at batch 32: docs/performance.md)
-    "decode_compressed": (
-        decode.decode_compressed_kernel,
-        {**DIMS, "L": 32, "D": 16, "LS": 64, "NC": 3, "BG": 16, "BJ": 16, "BH": 16},
-        {name: "*fp32" for name in ("cmp_m", "cmp_l", "cmp_acc", "sel", "sel_ref")} | {"v_cmp": "*bf16"},
-        decode.LAUNCH["compressed"],
-    ),
+    **{
+        f"decode_compressed{'' if bj == 16 else f'_tiles{bj}'}": (
+            decode.decode_compressed_kernel,
+            {**DIMS, "L": 32, "D": 16, "LS": 64, "NC": 3, "BG": 16, "BJ": bj, "BH": 16},
+            {name: "*fp32" for name in ("cmp_m", "cmp_l", "cmp_acc", "sel", "sel_ref")} | {"v_cmp": "*bf16"},
+            decode.LAUNCH["compressed"],
+        )
+        for bj in (16, 32)  # the cache's tile_blocks: 16 (default) and the larger tile decode_launch.py times
+    },
 }
 
 
