@@ -190,10 +190,11 @@ RECORD_KEY = ("config", "seq_len", "impl", "part", "pass")
 
 
 def merge_runs(datas: list[dict[str, Any]]) -> dict[str, Any]:
-    """One ``bench.json`` from several runs on one card: a later run's record replaces an earlier one's at the
-    same (config, length, impl, part, pass); ``runs`` lists the runs (commit, time, arguments) and each record
-    gets ``run``, its run's index there. A speedup must divide times of one run (timings of two calls are not
-    comparable, device METHOD.md), so a length keeps the records of the last run that timed its core there."""
+    """One ``bench.json`` from several runs on one card: a later run's record replaces an earlier one's at the same
+    (config, length, impl, part, pass); ``runs`` lists the runs (commit, time, arguments; an input that is
+    itself a merge brings its own) and each record gets ``run``, its run's index there. A speedup must divide
+    times of one run (timings of two calls are not comparable, device METHOD.md), so a length keeps the records
+    of the last run that timed its core there."""
     cards = {d["env"]["card"] for d in datas}
     if len(cards) != 1:
         raise ValueError(f"--json: the runs must come from one card, got {sorted(cards)}")
@@ -201,11 +202,13 @@ def merge_runs(datas: list[dict[str, Any]]) -> dict[str, Any]:
     merged["configs"] = list({c["name"]: c for d in datas for c in d["configs"]}.values())
     for key in ("checks", "bytes"):
         merged[key] = {k: v for d in datas for k, v in d.get(key, {}).items()}
-    merged["runs"] = [
-        {k: d["env"].get(k) for k in ("git_commit", "timestamp_utc")} | {"argv": d.get("argv")} for d in datas
-    ]
+    merged["runs"], first_run = [], []  # an input that is itself a merge brings its runs along
+    for d in datas:
+        first_run.append(len(merged["runs"]))
+        own = {k: d["env"].get(k) for k in ("git_commit", "timestamp_utc")} | {"argv": d.get("argv")}
+        merged["runs"] += d.get("runs", [own])
     merged["stopped_early"] = any(d.get("stopped_early") for d in datas)
-    owner: dict[tuple[str, int], int] = {}  # (config, length) -> the last run that timed the core there
+    owner: dict[tuple[str, int], int] = {}  # (config, length) -> the last input that timed the core there
     for i, d in enumerate(datas):
         for r in d["records"]:
             if r["impl"] == "nsa" and r["part"] == "core":
@@ -214,7 +217,7 @@ def merge_runs(datas: list[dict[str, Any]]) -> dict[str, Any]:
     for i, d in enumerate(datas):
         for r in d["records"]:
             if owner.get((r["config"], r["seq_len"]), i) == i:
-                records[tuple(r[k] for k in RECORD_KEY)] = r | {"run": i}
+                records[tuple(r[k] for k in RECORD_KEY)] = r | {"run": first_run[i] + r.get("run", 0)}
     merged["records"] = list(records.values())
     return merged
 

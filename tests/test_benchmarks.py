@@ -184,6 +184,13 @@ def test_merged_runs_keep_each_length_from_one_run(tmp_path: Path) -> None:
     assert len(at_t) == len(new["records"])  # the old run's branch records at T are dropped with its core
     assert any(r["run"] == 0 for r in merged["records"])
     assert (out.parent / "speedup_default.png").exists()
+    newest = _synthetic()  # a merge merged again keeps its runs and which run each record came from
+    newest["env"]["git_commit"] = "c"
+    newest["records"] = [r for r in newest["records"] if r["seq_len"] != T]
+    again = plot.merge_runs([merged, newest])
+    assert [r["git_commit"] for r in again["runs"]] == ["a", "b", "c"]
+    assert {r["run"] for r in again["records"] if r["seq_len"] == T} == {1}
+    assert {r["run"] for r in again["records"] if r["seq_len"] != T} == {2}
     new["env"]["card"] = "NVIDIA H200"
     with pytest.raises(ValueError, match="one card"):
         plot.merge_runs([old, new])
