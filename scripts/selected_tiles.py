@@ -13,9 +13,7 @@ set (at 8k its K/V stay in the L2): compare the variants with each other, not wi
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -23,36 +21,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-import optimized
-from benchmarks.run import CONFIGS, environment, make_inputs
+from benchmarks import experiment
+from benchmarks.run import CONFIGS
 from benchmarks.timing import time_calls
 from optimized.selected import TILE_ROWS, _packed, _row_tiles, selected_attention_bwd, selected_attention_fwd
-from optimized.selection import select_blocks_fwd
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 65536])
-    p.add_argument("--configs", nargs="+", default=["default", "g4"], choices=sorted(CONFIGS))
+    p = experiment.parser(__doc__, [8192, 65536], ["default", "g4"])
     p.add_argument("--rows", type=int, nargs="*", default=[32, 64], help="rows per program besides the default")
-    p.add_argument("--out", type=Path, default=Path("/tmp"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    env = environment(device)
-    print(f"optimized from {Path(optimized.__file__).parent}, source_sha1 {env['source_sha1']}, {env['card']}")
+    device, env = experiment.start(args)
     records, failed = [], 0
     for name in args.configs:
         cfg = CONFIGS[name]
-        nsa, hq, h, dk, dv = cfg.nsa, cfg.heads_q, cfg.heads_kv, cfg.dim_k, cfg.dim_v
-        scale = dk**-0.5
+        nsa, hq, h, dv = cfg.nsa, cfg.heads_q, cfg.heads_kv, cfg.dim_v
         for seq_len in args.lengths:
-            with torch.no_grad():  # the benchmark's own inputs and selection
-                x = {n: t.detach() for n, t in make_inputs(cfg, seq_len, device, seed=seq_len).items()}
-                q, k, v = x["q"], x["k_slc"], x["v_slc"]
-                _, lse_cmp = optimized.compressed_attention(q, x["k_cmp"], x["v_cmp"], nsa)
-                idx = select_blocks_fwd(q, x["k_cmp"], lse_cmp, nsa, scale, None)
-                do = torch.randn(*q.shape[:3], dv, device=device, dtype=q.dtype)
+            x = experiment.selected_inputs(cfg, seq_len, device)
+            q, k, v, idx, scale = x["q"], x["k"], x["v"], x["block_idx"], x["scale"]
+            do = torch.randn(*q.shape[:3], dv, device=device, dtype=q.dtype)
             selected = float((idx >= 0).sum()) * (hq // h)  # selected block-rows
             want = None
             for rows in [TILE_ROWS, *args.rows]:
@@ -78,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"  loads/position {rec['blocks_loaded_per_position']:5.2f}"
                     f"  computed/selected {rec['computed_per_selected_block_rows']:4.2f}  err {err:.1e}"
                 )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selected_tiles.json").write_text(json.dumps({"env": env, "records": records}))
+    experiment.write(args, "selected_tiles", env, records)
     return 1 if failed else 0
 
 

@@ -10,10 +10,8 @@ Prints ms per config, length and variant; writes ``selection_tiles.json`` to ``-
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -22,23 +20,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import optimized
-from benchmarks.run import CONFIGS, environment
+from benchmarks import experiment
+from benchmarks.run import CONFIGS
 from benchmarks.timing import time_calls
 from optimized.selection import select_blocks_fwd, select_tiles
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[65536])
-    p.add_argument("--configs", nargs="+", default=["default", "meanpool64", "g4"], choices=sorted(CONFIGS))
+    p = experiment.parser(__doc__, [65536], ["default", "meanpool64", "g4"])
     p.add_argument("--chunks", type=int, nargs="*", default=[], help="BS values besides the default")
     p.add_argument("--rows", type=int, nargs="*", default=[], help="query-row limits besides the default")
-    p.add_argument("--out", type=Path, default=Path("/tmp"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    env = environment(device)
-    print(f"optimized from {Path(optimized.__file__).parent}, source_sha1 {env['source_sha1']}, {env['card']}")
+    device, env = experiment.start(args)
     records, failed = [], 0
     for name in args.configs:
         cfg = CONFIGS[name]
@@ -63,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{name:11s} T={seq_len:6d} bs={bs!s:4s} rows={rows!s:4s} {tiles} {ms:8.3f} ms  differ={differ:.2%}"
                 )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selection_tiles.json").write_text(json.dumps({"env": env, "records": records}))
+    experiment.write(args, "selection_tiles", env, records)
     return 1 if failed else 0
 
 

@@ -26,6 +26,7 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "0"  # the real autotune configs, not the interpreter's
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+import selected_swapab  # scripts/: the experiment's transposed selected forward
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -53,6 +54,15 @@ KERNELS = {
             ("dq", selected.selected_bwd_dq_kernel, {"HAS_DQ_PREV": True}),
         )
         for bm in (16, 32, 64)
+    },
+    # the experiment's transposed selected forward (scripts/selected_swapab.py): wgmma (HGMMA), pointer or TMA loads
+    **{
+        f"selected_fwd_swapab{'_tma' if tma else ''}": (
+            selected_swapab.selected_fwd_t_kernel,
+            {**DIMS, **SPARSE, "BM": 16, "TMA": tma},
+            {name: "tensordesc<bf16[64, 1, 128]>" for name in ("k", "v") if tma},
+        )
+        for tma in (False, True)
     },
     **{
         f"selection_g{g}": (
@@ -159,7 +169,8 @@ def report(name: str, sass: bool = False, sass_dir: str | None = None) -> None:
             path = os.path.join(sass_dir, f"{name}_w{cfg.num_warps}_s{cfg.num_stages}.sass") if sass_dir else None
             ops = sass_counts(compiled.asm["cubin"], path)
             top = " ".join(f"{op}:{n}" for op, n in ops.most_common(12))
-            print(f"    sass: {sum(ops.values())} instructions, {ops['BAR']} barriers; {top}")
+            mma = f"HMMA {ops['HMMA']}, HGMMA {ops['HGMMA']}, UTMALDG {ops['UTMALDG']}"
+            print(f"    sass: {sum(ops.values())} instructions, {ops['BAR']} barriers, {mma}; {top}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,17 @@ def test_spills_reports_registers_and_sass(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "kernel must be one of" in bad.stderr
 
 
+def test_selected_swapab_kernel_compiles_to_wgmma_and_tma() -> None:
+    """The point of the transposed selected forward: on sm_90 its matmuls are wgmma (HGMMA, no HMMA) and, with
+    descriptors, its K/V tiles are bulk tensor copies (UTMALDG); the production forward's are HMMA."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = [sys.executable, str(SCRIPTS / "spills.py"), "selected_fwd_swapab_tma", "--sass"]
+    done = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.findall(r"HMMA (\d+), HGMMA (\d+), UTMALDG (\d+)", done.stdout)
+    assert found and all(hmma == "0" and int(hgmma) > 0 and int(tma) > 0 for hmma, hgmma, tma in found)
+
+
 def test_decode_launch_variants() -> None:
     """decode_launch.py turns its knobs into one variant each: launch options per kernel, then cache splits."""
     decode_launch = load_script("decode_launch")
@@ -108,6 +119,15 @@ def test_run_bench_runs_its_own_tree(tmp_path: Path) -> None:
     assert {(r["part"], r["pass"]) for r in records} == {("core", "fwd"), ("core", "bwd")}
 
 
+def test_selection_tiles_script(tmp_path: Path) -> None:
+    """selection_tiles.py: another chunk of selection blocks picks the same blocks."""
+    selection_tiles = load_script("selection_tiles")
+    argv = ["--configs", "tiny", "--lengths", "40", "--chunks", "16", "--out", str(tmp_path), "--device", str(DEVICE)]
+    assert selection_tiles.main(argv) == 0
+    records = json.loads((tmp_path / "selection_tiles.json").read_text())["records"]
+    assert [r["bs"] for r in records] == [None, 16] and all(r["rows_differing"] == 0 for r in records)
+
+
 def test_selected_tiles_script(tmp_path: Path) -> None:
     """selected_tiles.py: larger row tiles compute the same and load fewer blocks per position."""
     selected_tiles = load_script("selected_tiles")
@@ -118,3 +138,37 @@ def test_selected_tiles_script(tmp_path: Path) -> None:
     assert records[32]["rel_err_vs_default"] < 1e-2
     assert records[32]["blocks_loaded_per_position"] < records[16]["blocks_loaded_per_position"]
     assert records[32]["computed_per_selected_block_rows"] >= 1.0
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize(("G", "T"), [(16, 45), (3, 37)])
+def test_selected_swapab_kernel_matches_the_reference(tma: bool, G: int, T: int) -> None:
+    """selected_swapab.py's transposed forward (S^T = K Q^T) equals the float64 reference as closely as the
+    reference run in float16 does; with TMA, block rows past the sequence come back as zeros."""
+    from kernel_problems import problem
+
+    import reference
+    from reference.config import NSAConfig
+    from reference.testing import assert_close_to_reference
+
+    swapab = load_script("selected_swapab")
+    cfg = NSAConfig(8, 4, 8, 3, 1, 1, window=16)
+    p = problem(T, 2, G, 24, 16, cfg, torch.float16, seed=G)
+    x64, x16 = (p.tensors(DEVICE, dt) for dt in (torch.float64, None))
+    scale = 24**-0.5
+    lse_cmp = reference.compressed_attention(x64.q, x64.k_cmp, x64.v_cmp, cfg, scale=scale)[1]
+    idx = reference.select_blocks(x64.q, x64.k_cmp, lse_cmp, cfg, scale=scale)
+    want, same_dtype = (reference.selected_attention(x.q, x.k_slc, x.v_slc, idx, cfg, scale=scale) for x in (x64, x16))
+    o, lse = swapab.selected_fwd_t(x16.q, x16.k_slc, x16.v_slc, idx, cfg, scale, tma)
+    assert_close_to_reference(o, want, same_dtype, name="o")
+    lse_prod = optimized.selected.selected_attention_fwd(x16.q, x16.k_slc, x16.v_slc, idx, cfg, scale, None)[1]
+    torch.testing.assert_close(lse, lse_prod, rtol=1e-5, atol=1e-5)
+
+
+def test_selected_swapab_script(tmp_path: Path) -> None:
+    """selected_swapab.py checks both variants against production and writes its records."""
+    swapab = load_script("selected_swapab")
+    assert swapab.main(["--configs", "tiny", "--lengths", "40", "--out", str(tmp_path), "--device", str(DEVICE)]) == 0
+    records = json.loads((tmp_path / "selected_swapab.json").read_text())["records"]
+    assert [r["variant"] for r in records] == ["production", "transposed", "transposed+tma"]
+    assert all(r["ok"] for r in records)

@@ -1,0 +1,181 @@
+"""Experiment: the selected forward with its matmuls transposed (keys as the M dimension) for Hopper's wgmma.
+
+The production forward (``optimized.selected``) multiplies a tile of BM = 16 query rows by a block of BN = 64
+keys: ``S = Q K^T`` is [16, 64], below wgmma's M = 64, so Triton emits the older ``mma.sync`` (HMMA in SASS)
+and keeps the K and V tiles in registers (246 registers with 2 warps: 4 programs per SM). Here the same
+tile computes ``S^T = K Q^T`` [BN, BM] and ``O^T += V^T P^T`` [BV, BM]: M is the 64 keys (and the 128 value
+dims), N the 16 query rows, so one warpgroup issues wgmma (HGMMA) with K and V read from shared memory. The
+online softmax runs along axis 0 (the keys) of ``S^T``. ``--tma`` also loads each block's K and V with a tensor
+descriptor (one bulk copy per tile instead of a pointer per element; needs head dims whose rows are 16-byte
+aligned, as at the benchmark's D = 128).
+
+Same tiles, same union walk, same masks as production; checked against it, then timed with CUDA events on
+the benchmark's inputs and selection. Prints ms per variant; writes ``selected_swapab.json`` to ``--out``.
+
+    python scripts/selected_swapab.py --lengths 8192 65536 --configs default g4
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+
+from benchmarks import experiment
+from benchmarks.run import CONFIGS
+from benchmarks.timing import time_calls
+from optimized._common import LOG2E, attn_fwd_finish, autotune_configs, next_power_of_2
+from optimized._sparse import sequence_lengths
+from optimized.selected import _ROWS_TUNE_KEY, _meta, _packed, _row_setup, _row_tiles, selected_attention_fwd
+from reference.config import NSAConfig
+
+_LOG2E = tl.constexpr(LOG2E)
+
+
+@triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2, 3)), key=[*_ROWS_TUNE_KEY, "TMA"])
+@triton.jit
+def selected_fwd_t_kernel(
+    q,  # [TT, HQ, DK]
+    k,  # [TT, H, DK], or its tensor descriptor (block [BN, 1, BK]) if TMA
+    v,  # [TT, H, DV], or its tensor descriptor (block [BN, 1, BV]) if TMA
+    block_idx,  # [TT, H, N] int32
+    o,  # [TT, HQ, DV]
+    lse,  # [TT, HQ] float32
+    cu_seqlens,
+    tile_seq,
+    tile_start,
+    union,  # [NT, H, U] int32
+    union_len,  # [NT, H] int32
+    scale,
+    TUNE_T,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    LS: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BN: tl.constexpr,
+    NP: tl.constexpr,
+    U: tl.constexpr,
+    BM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """o and lse of one tile of BM rows, as ``selected_fwd_kernel``, with the scores and output transposed."""
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    bos, o_t, o_row, m_r, b_idx = _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G, N, BM, NP)
+    t_last = tl.max(tl.where(m_r, o_t, 0), axis=0)
+    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
+    m_dk, m_dv = o_k < DK, o_v < DV
+    qk_scale = scale * _LOG2E
+    b_qt = tl.load(q + o_row[None, :] * DK + o_k[:, None], mask=m_r[None, :] & m_dk[:, None], other=0.0)  # [BK, BM]
+
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BV, BM], dtype=tl.float32)  # O^T
+    n_union = tl.load(union_len + i_tile * H + i_h)
+    for i_u in range(0, n_union):
+        i_blk = tl.load(union + (i_tile * H + i_h).to(tl.int64) * U + i_u)
+        m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM]
+        s0 = bos + i_blk * LS
+        o_s = s0 + o_n  # [BN]
+        m_n = (o_n < LS) & (o_s <= t_last)
+        if TMA:  # out-of-range rows and dims come back as zeros; rows past the block are masked below
+            b_k = k.load([s0, i_h, 0]).reshape(BN, BK)  # [BN, BK]
+            b_v = v.load([s0, i_h, 0]).reshape(BN, BV)  # [BN, BV]
+        else:
+            o_key = o_s.to(tl.int64) * H + i_h
+            b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & m_dk[None, :], other=0.0)
+            b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.0)
+        b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]  S^T = K Q^T
+        m_st = m_row[None, :] & m_n[:, None] & (o_s[:, None] <= o_t[None, :])  # [BN, BM] causal: s <= t
+        b_st = tl.where(m_st, b_st, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_st, 0))  # [BM]
+        b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_alpha = tl.exp2(b_m - b_m_safe)  # [BM]
+        b_pt = tl.exp2(b_st - b_m_safe[None, :])  # [BN, BM]
+        b_l = b_l * b_alpha + tl.sum(b_pt, 0)
+        b_vt = tl.trans(b_v)  # [BV, BN]
+        b_acc = b_acc * b_alpha[None, :] + tl.dot(b_vt, b_pt.to(b_vt.dtype), input_precision=DOT_PRECISION)
+        b_m = b_m_new
+    b_ot, b_lse = attn_fwd_finish(b_m, b_l, tl.trans(b_acc))
+    tl.store(o + o_row[:, None] * DV + o_v[None, :], b_ot.to(o.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])
+    tl.store(lse + o_row, b_lse, mask=m_r)
+
+
+def selected_fwd_t(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+    tma: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``optimized.selected.selected_attention_fwd`` (dense batch, 16-row tiles), with the transposed kernel."""
+    B, T, HQ, _ = q.shape
+    H, DV, N = k.shape[2], v.shape[3], block_idx.shape[3]
+    q2, k2, v2, idx2 = _packed(q, k, v, block_idx.to(torch.int32))
+    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, sequence_lengths(B, T, None), config)
+    meta = _meta(q, k, v, config.select_block)
+    if tma:
+        k2 = TensorDescriptor.from_tensor(k2, [meta["BN"], 1, meta["BK"]])
+        v2 = TensorDescriptor.from_tensor(v2, [meta["BN"], 1, meta["BV"]])
+    o = torch.empty(B * T, HQ, DV, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B * T, HQ, dtype=torch.float32, device=q.device)
+    selected_fwd_t_kernel[(tile_seq.numel(), H)](
+        q2, k2, v2, idx2, o, lse, cu, tile_seq, tile_start, union, union_len, scale,
+        N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, TMA=tma, **meta,
+    )  # fmt: skip
+    return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = experiment.parser(__doc__, [8192, 65536], ["default", "g4"])
+    p.add_argument("--no-tma", action="store_true", help="only the pointer-load variant")
+    args = p.parse_args(argv)
+    device, env = experiment.start(args)
+    variants = {"production": None, "transposed": False, **({} if args.no_tma else {"transposed+tma": True})}
+    records, failed = [], 0
+    for name in args.configs:
+        nsa = CONFIGS[name].nsa
+        for seq_len in args.lengths:
+            x = experiment.selected_inputs(CONFIGS[name], seq_len, device)
+            q, k, v, idx, scale = x["q"], x["k"], x["v"], x["block_idx"], x["scale"]
+            want = None
+            for label, tma in variants.items():
+                if tma is None:
+                    fwd = functools.partial(selected_attention_fwd, q, k, v, idx, nsa, scale, None)
+                else:
+                    fwd = functools.partial(selected_fwd_t, q, k, v, idx, nsa, scale, tma)
+                o, lse = fwd()
+                if want is None:
+                    want = (o.float(), lse)
+                err = float((o.float() - want[0]).abs().max() / want[0].abs().max())
+                err_lse = float((lse - want[1]).abs().max() / want[1].abs().max().clamp_min(1.0))
+                ok = err <= 2e-2 and err_lse <= 1e-2 and bool(torch.isfinite(o).all())
+                failed += not ok
+                rec = {
+                    "config": name, "seq_len": seq_len, "variant": label,
+                    "fwd_ms": time_calls([fwd], device).median_ms if device.type == "cuda" else None,
+                    "rel_err_vs_production": err, "lse_err_vs_production": err_lse, "ok": ok,
+                }  # fmt: skip
+                records.append(rec)
+                ms = f"{rec['fwd_ms']:8.3f} ms" if rec["fwd_ms"] is not None else "   (cpu)"
+                verdict = "ok" if ok else "FAILED"
+                print(f"{name:11s} T={seq_len:6d} {label:15s} fwd {ms}  err {err:.1e} lse {err_lse:.1e}  {verdict}")
+    experiment.write(args, "selected_swapab", env, records)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
