@@ -9,8 +9,13 @@ online softmax runs along axis 0 (the keys) of ``S^T``. ``--tma`` also loads eac
 descriptor (one bulk copy per tile instead of a pointer per element; needs head dims whose rows are 16-byte
 aligned, as at the benchmark's D = 128).
 
-Same tiles, same union walk, same masks as production; checked against it, then timed with CUDA events on
-the benchmark's inputs and selection. Prints ms per variant; writes ``selected_swapab.json`` to ``--out``.
+The dq kernel gets the same treatment: ``P^T = exp2(K Q^T - lse)``, ``dP^T = V dO^T``, ``dQ^T += K^T dS^T``
+(M = 64 keys, then 128 dims), against production's dq at 16 and at 64 rows per program (64: what the backward
+runs, whose HGMMA comes from the larger tile, at 2.3-3.1x the tensor-core work per selected block).
+
+Same tiles, same union walk, same masks as production; checked against it (errors relative to the largest
+output, lse included), then timed with CUDA events on the benchmark's inputs and selection. Prints ms per
+pass and variant; writes ``selected_swapab.json`` to ``--out``.
 
     python scripts/selected_swapab.py --lengths 8192 65536 --configs default g4
 """
@@ -31,9 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from benchmarks import experiment
 from benchmarks.run import CONFIGS
 from benchmarks.timing import time_calls
-from optimized._common import LOG2E, attn_fwd_finish, autotune_configs, next_power_of_2
+from optimized._common import LOG2E, attn_bwd_delta, attn_fwd_finish, autotune_configs, next_power_of_2
 from optimized._sparse import sequence_lengths
-from optimized.selected import _ROWS_TUNE_KEY, _meta, _packed, _row_setup, _row_tiles, selected_attention_fwd
+from optimized.selected import (
+    _ROWS_TUNE_KEY,
+    _meta,
+    _packed,
+    _row_setup,
+    _row_tiles,
+    selected_attention_fwd,
+    selected_bwd_dq_kernel,
+)
 from reference.config import NSAConfig
 
 _LOG2E = tl.constexpr(LOG2E)
@@ -139,40 +152,158 @@ def selected_fwd_t(
     return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
 
 
+@triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2, 3)), key=[*_ROWS_TUNE_KEY, "TMA"])
+@triton.jit
+def selected_dq_t_kernel(
+    q,
+    k,  # [TT, H, DK], or its tensor descriptor (block [BN, 1, BK]) if TMA
+    v,  # [TT, H, DV], or its tensor descriptor (block [BN, 1, BV]) if TMA
+    do,
+    lse,
+    delta,
+    block_idx,
+    dq,  # [TT, HQ, DK]
+    cu_seqlens,
+    tile_seq,
+    tile_start,
+    union,
+    union_len,
+    scale,
+    TUNE_T,
+    H: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    LS: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BN: tl.constexpr,
+    NP: tl.constexpr,
+    U: tl.constexpr,
+    BM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """dq of one tile of BM rows, as ``selected_bwd_dq_kernel``, transposed: P^T = exp2(K Q^T - lse),
+    dP^T = V dO^T, dS^T = P^T (dP^T - delta), dQ^T += K^T dS^T (M = BN keys, then BK dims)."""
+    i_tile, i_h = tl.program_id(0), tl.program_id(1)
+    bos, o_t, o_row, m_r, b_idx = _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G, N, BM, NP)
+    t_last = tl.max(tl.where(m_r, o_t, 0), axis=0)
+    o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
+    m_dk, m_dv = o_k < DK, o_v < DV
+    qk_scale = scale * _LOG2E
+    b_qt = tl.load(q + o_row[None, :] * DK + o_k[:, None], mask=m_r[None, :] & m_dk[:, None], other=0.0)  # [BK, BM]
+    b_dot = tl.load(do + o_row[None, :] * DV + o_v[:, None], mask=m_r[None, :] & m_dv[:, None], other=0.0)  # [BV, BM]
+    b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.0) * _LOG2E  # [BM]
+    b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)  # [BM]
+
+    b_dqt = tl.zeros([BK, BM], dtype=tl.float32)
+    n_union = tl.load(union_len + i_tile * H + i_h)
+    for i_u in range(0, n_union):
+        i_blk = tl.load(union + (i_tile * H + i_h).to(tl.int64) * U + i_u)
+        m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM]
+        s0 = bos + i_blk * LS
+        o_s = s0 + o_n  # [BN]
+        m_n = (o_n < LS) & (o_s <= t_last)
+        if TMA:
+            b_k = k.load([s0, i_h, 0]).reshape(BN, BK)  # [BN, BK]
+            b_v = v.load([s0, i_h, 0]).reshape(BN, BV)  # [BN, BV]
+        else:
+            o_key = o_s.to(tl.int64) * H + i_h
+            b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & m_dk[None, :], other=0.0)
+            b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.0)
+        m_st = m_row[None, :] & m_n[:, None] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
+        b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
+        b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)
+        b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION)  # [BN, BM]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dqt += tl.dot(tl.trans(b_k), b_dst.to(b_k.dtype), input_precision=DOT_PRECISION)  # [BK, BM]
+    b_dq = tl.trans(b_dqt) * scale  # [BM, BK]
+    tl.store(dq + o_row[:, None] * DK + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & m_dk[None, :])
+
+
+def selected_dq(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    block_idx: torch.Tensor,
+    config: NSAConfig,
+    scale: float,
+    variant: str,
+) -> torch.Tensor:
+    """The selected branch's dq alone (dense batch): ``production16`` / ``production64`` (``selected_bwd_dq_kernel``
+    at 16 or 64 rows per program), ``transposed`` or ``transposed+tma`` (16 rows)."""
+    B, T, HQ, _ = q.shape
+    H, N = k.shape[2], block_idx.shape[3]
+    q2, k2, v2, o2, do2, idx2 = _packed(q, k, v, o, do, block_idx.to(torch.int32))
+    rows = 64 if variant == "production64" else 16
+    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(
+        idx2, HQ // H, sequence_lengths(B, T, None), config, rows
+    )
+    meta = _meta(q, k, v, config.select_block)
+    lse2 = lse.contiguous().view(B * T, HQ)
+    delta = attn_bwd_delta(o2, do2, None, None).view(B * T, HQ)
+    dq = torch.empty_like(q2)
+    grid = (tile_seq.numel(), H)
+    sizes = dict(N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, **meta)
+    if variant.startswith("production"):
+        selected_bwd_dq_kernel[grid](
+            q2, k2, v2, do2, lse2, delta, idx2, dq, dq, cu, tile_seq, tile_start, union, union_len, scale,
+            HAS_DQ_PREV=False, **sizes,
+        )  # fmt: skip
+        return dq.view(q.shape)
+    tma = variant == "transposed+tma"
+    if tma:
+        k2 = TensorDescriptor.from_tensor(k2, [meta["BN"], 1, meta["BK"]])
+        v2 = TensorDescriptor.from_tensor(v2, [meta["BN"], 1, meta["BV"]])
+    selected_dq_t_kernel[grid](
+        q2, k2, v2, do2, lse2, delta, idx2, dq, cu, tile_seq, tile_start, union, union_len, scale, TMA=tma, **sizes
+    )  # fmt: skip
+    return dq.view(q.shape)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = experiment.parser(__doc__, [8192, 65536], ["default", "g4"])
     p.add_argument("--no-tma", action="store_true", help="only the pointer-load variant")
     args = p.parse_args(argv)
     device, env = experiment.start(args)
-    variants = {"production": None, "transposed": False, **({} if args.no_tma else {"transposed+tma": True})}
+    fwd_variants = ["production", "transposed", *([] if args.no_tma else ["transposed+tma"])]
+    dq_variants = ["production16", "production64", "transposed", *([] if args.no_tma else ["transposed+tma"])]
     records, failed = [], 0
     for name in args.configs:
-        nsa = CONFIGS[name].nsa
+        cfg = CONFIGS[name]
         for seq_len in args.lengths:
-            x = experiment.selected_inputs(CONFIGS[name], seq_len, device)
+            x = experiment.selected_inputs(cfg, seq_len, device)
             q, k, v, idx, scale = x["q"], x["k"], x["v"], x["block_idx"], x["scale"]
-            want = None
-            for label, tma in variants.items():
-                if tma is None:
-                    fwd = functools.partial(selected_attention_fwd, q, k, v, idx, nsa, scale, None)
-                else:
-                    fwd = functools.partial(selected_fwd_t, q, k, v, idx, nsa, scale, tma)
-                o, lse = fwd()
-                if want is None:
-                    want = (o.float(), lse)
-                err = float((o.float() - want[0]).abs().max() / want[0].abs().max())
-                err_lse = float((lse - want[1]).abs().max() / want[1].abs().max().clamp_min(1.0))
-                ok = err <= 2e-2 and err_lse <= 1e-2 and bool(torch.isfinite(o).all())
+            o, lse = selected_attention_fwd(q, k, v, idx, cfg.nsa, scale, None)
+            do = torch.randn(*q.shape[:3], cfg.dim_v, device=device, dtype=q.dtype)
+            calls = {
+                ("fwd", "production"): functools.partial(selected_attention_fwd, q, k, v, idx, cfg.nsa, scale, None)
+            }
+            calls |= {("fwd", vr): functools.partial(selected_fwd_t, q, k, v, idx, cfg.nsa, scale, vr.endswith("tma"))
+                      for vr in fwd_variants[1:]}  # fmt: skip
+            calls |= {("dq", vr): functools.partial(selected_dq, q, k, v, o, lse, do, idx, cfg.nsa, scale, vr)
+                      for vr in dq_variants}  # fmt: skip
+            want: dict[str, tuple[torch.Tensor, ...]] = {}
+            for (what, label), call in calls.items():
+                out = call()
+                out = out if isinstance(out, tuple) else (out,)  # fwd: (o, lse); dq: dq
+                want.setdefault(what, out)
+                err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1.0))
+                          for a, b in zip(out, want[what]))  # fmt: skip
+                ok = err <= 2e-2 and all(bool(torch.isfinite(a).all()) for a in out)
                 failed += not ok
-                rec = {
-                    "config": name, "seq_len": seq_len, "variant": label,
-                    "fwd_ms": time_calls([fwd], device).median_ms if device.type == "cuda" else None,
-                    "rel_err_vs_production": err, "lse_err_vs_production": err_lse, "ok": ok,
-                }  # fmt: skip
+                ms = time_calls([call], device).median_ms if device.type == "cuda" else None
+                rec = {"config": name, "seq_len": seq_len, "pass": what, "variant": label, "ms": ms,
+                       "rel_err_vs_production": err, "ok": ok}  # fmt: skip
                 records.append(rec)
-                ms = f"{rec['fwd_ms']:8.3f} ms" if rec["fwd_ms"] is not None else "   (cpu)"
+                shown = f"{ms:8.3f} ms" if ms is not None else "   (cpu)"
                 verdict = "ok" if ok else "FAILED"
-                print(f"{name:11s} T={seq_len:6d} {label:15s} fwd {ms}  err {err:.1e} lse {err_lse:.1e}  {verdict}")
+                print(f"{name:11s} T={seq_len:6d} {what:3s} {label:15s} {shown}  err {err:.1e}  {verdict}")
     experiment.write(args, "selected_swapab", env, records)
     return 1 if failed else 0
 

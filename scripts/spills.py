@@ -55,12 +55,16 @@ KERNELS = {
         )
         for bm in (16, 32, 64)
     },
-    # the experiment's transposed selected forward (scripts/selected_swapab.py): wgmma (HGMMA), pointer or TMA loads
+    # the experiment's transposed selected forward and dq (scripts/selected_swapab.py): wgmma, pointer or TMA loads
     **{
-        f"selected_fwd_swapab{'_tma' if tma else ''}": (
-            selected_swapab.selected_fwd_t_kernel,
+        f"selected_{name}_swapab{'_tma' if tma else ''}": (
+            kernel,
             {**DIMS, **SPARSE, "BM": 16, "TMA": tma},
             {name: "tensordesc<bf16[64, 1, 128]>" for name in ("k", "v") if tma},
+        )
+        for name, kernel in (
+            ("fwd", selected_swapab.selected_fwd_t_kernel),
+            ("dq", selected_swapab.selected_dq_t_kernel),
         )
         for tma in (False, True)
     },

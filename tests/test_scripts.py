@@ -78,10 +78,10 @@ def test_spills_reports_registers_and_sass(tmp_path: Path) -> None:
 
 
 def test_selected_swapab_kernel_compiles_to_wgmma_and_tma() -> None:
-    """The point of the transposed selected forward: on sm_90 its matmuls are wgmma (HGMMA, no HMMA) and, with
-    descriptors, its K/V tiles are bulk tensor copies (UTMALDG); the production forward's are HMMA."""
+    """The point of the transposed selected forward and dq: on sm_90 their matmuls are wgmma (HGMMA, no HMMA) and, with
+    descriptors, their K/V tiles are bulk tensor copies (UTMALDG); production's (16 rows) are HMMA."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = [sys.executable, str(SCRIPTS / "spills.py"), "selected_fwd_swapab_tma", "--sass"]
+    run = [sys.executable, str(SCRIPTS / "spills.py"), "selected_fwd_swapab_tma", "selected_dq_swapab_tma", "--sass"]
     done = subprocess.run(run, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     found = re.findall(r"HMMA (\d+), HGMMA (\d+), UTMALDG (\d+)", done.stdout)
@@ -142,9 +142,9 @@ def test_selected_tiles_script(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize(("G", "T"), [(16, 45), (3, 37)])
-def test_selected_swapab_kernel_matches_the_reference(tma: bool, G: int, T: int) -> None:
-    """selected_swapab.py's transposed forward (S^T = K Q^T) equals the float64 reference as closely as the
-    reference run in float16 does; with TMA, block rows past the sequence come back as zeros."""
+def test_selected_swapab_kernels_match_the_reference(tma: bool, G: int, T: int) -> None:
+    """selected_swapab.py's transposed forward (S^T = K Q^T) and dq (dQ^T = K^T dS^T) equal the float64 reference
+    as closely as the reference run in float16 does; with TMA, block rows past the sequence come back as zeros."""
     from kernel_problems import problem
 
     import reference
@@ -154,21 +154,32 @@ def test_selected_swapab_kernel_matches_the_reference(tma: bool, G: int, T: int)
     swapab = load_script("selected_swapab")
     cfg = NSAConfig(8, 4, 8, 3, 1, 1, window=16)
     p = problem(T, 2, G, 24, 16, cfg, torch.float16, seed=G)
-    x64, x16 = (p.tensors(DEVICE, dt) for dt in (torch.float64, None))
+    x64, x16 = (p.tensors(DEVICE, dt, requires_grad=True) for dt in (torch.float64, None))
     scale = 24**-0.5
-    lse_cmp = reference.compressed_attention(x64.q, x64.k_cmp, x64.v_cmp, cfg, scale=scale)[1]
-    idx = reference.select_blocks(x64.q, x64.k_cmp, lse_cmp, cfg, scale=scale)
-    want, same_dtype = (reference.selected_attention(x.q, x.k_slc, x.v_slc, idx, cfg, scale=scale) for x in (x64, x16))
-    o, lse = swapab.selected_fwd_t(x16.q, x16.k_slc, x16.v_slc, idx, cfg, scale, tma)
-    assert_close_to_reference(o, want, same_dtype, name="o")
-    lse_prod = optimized.selected.selected_attention_fwd(x16.q, x16.k_slc, x16.v_slc, idx, cfg, scale, None)[1]
+    with torch.no_grad():
+        lse_cmp = reference.compressed_attention(x64.q, x64.k_cmp, x64.v_cmp, cfg, scale=scale)[1]
+        idx = reference.select_blocks(x64.q, x64.k_cmp, lse_cmp, cfg, scale=scale)
+    do = torch.randn((*x16.q.shape[:3], 16), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    want, same_dtype = [], []
+    for x, out in ((x64, want), (x16, same_dtype)):
+        o_ref = reference.selected_attention(x.q, x.k_slc, x.v_slc, idx, cfg, scale=scale)
+        out += [o_ref, torch.autograd.grad(o_ref, x.q, do.to(o_ref.dtype))[0]]
+    q, k, v = (t.detach() for t in (x16.q, x16.k_slc, x16.v_slc))
+    o, lse = swapab.selected_fwd_t(q, k, v, idx, cfg, scale, tma)
+    assert_close_to_reference(o, want[0], same_dtype[0], name="o")
+    lse_prod = optimized.selected.selected_attention_fwd(q, k, v, idx, cfg, scale, None)[1]
     torch.testing.assert_close(lse, lse_prod, rtol=1e-5, atol=1e-5)
+    dq = swapab.selected_dq(q, k, v, o, lse, do.to(q.dtype), idx, cfg, scale, "transposed+tma" if tma else "transposed")
+    assert_close_to_reference(dq, want[1], same_dtype[1], name="dq")
 
 
 def test_selected_swapab_script(tmp_path: Path) -> None:
-    """selected_swapab.py checks both variants against production and writes its records."""
+    """selected_swapab.py checks every variant against production and writes its records."""
     swapab = load_script("selected_swapab")
     assert swapab.main(["--configs", "tiny", "--lengths", "40", "--out", str(tmp_path), "--device", str(DEVICE)]) == 0
     records = json.loads((tmp_path / "selected_swapab.json").read_text())["records"]
-    assert [r["variant"] for r in records] == ["production", "transposed", "transposed+tma"]
+    assert [(r["pass"], r["variant"]) for r in records] == [
+        ("fwd", "production"), ("fwd", "transposed"), ("fwd", "transposed+tma"),
+        ("dq", "production16"), ("dq", "production64"), ("dq", "transposed"), ("dq", "transposed+tma"),
+    ]  # fmt: skip
     assert all(r["ok"] for r in records)
