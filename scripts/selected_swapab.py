@@ -133,12 +133,14 @@ def selected_fwd_t(
     config: NSAConfig,
     scale: float,
     tma: bool = False,
+    rows: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """As ``optimized.selected.selected_attention_fwd`` (dense batch, 16-row tiles), with the transposed kernel."""
+    """As ``optimized.selected.selected_attention_fwd`` (dense batch), with the transposed kernel."""
     B, T, HQ, _ = q.shape
     H, DV, N = k.shape[2], v.shape[3], block_idx.shape[3]
     q2, k2, v2, idx2 = _packed(q, k, v, block_idx.to(torch.int32))
-    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, sequence_lengths(B, T, None), config)
+    lengths = sequence_lengths(B, T, None)
+    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config, rows)
     meta = _meta(q, k, v, config.select_block)
     if tma:
         k2 = TensorDescriptor.from_tensor(k2, [meta["BN"], 1, meta["BK"]])
@@ -236,11 +238,12 @@ def selected_dq(
     variant: str,
 ) -> torch.Tensor:
     """The selected branch's dq alone (dense batch): ``production16`` / ``production64`` (``selected_bwd_dq_kernel``
-    at 16 or 64 rows per program), ``transposed`` or ``transposed+tma`` (16 rows)."""
+    at 16 or 64 rows per program), ``transposed`` or ``transposed+tma``, at 16 rows or at R with a suffix ``@R``."""
     B, T, HQ, _ = q.shape
     H, N = k.shape[2], block_idx.shape[3]
     q2, k2, v2, o2, do2, idx2 = _packed(q, k, v, o, do, block_idx.to(torch.int32))
-    rows = 64 if variant == "production64" else 16
+    variant, _, at = variant.partition("@")
+    rows = int(at) if at else 64 if variant == "production64" else 16
     cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(
         idx2, HQ // H, sequence_lengths(B, T, None), config, rows
     )
@@ -269,10 +272,13 @@ def selected_dq(
 def main(argv: list[str] | None = None) -> int:
     p = experiment.parser(__doc__, [8192, 65536], ["default", "g4"])
     p.add_argument("--no-tma", action="store_true", help="only the pointer-load variant")
+    p.add_argument("--rows", type=int, nargs="*", default=[], help="transposed variants at these rows per program too")
     args = p.parse_args(argv)
     device, env = experiment.start(args)
-    fwd_variants = ["production", "transposed", *([] if args.no_tma else ["transposed+tma"])]
-    dq_variants = ["production16", "production64", "transposed", *([] if args.no_tma else ["transposed+tma"])]
+    transposed = ["transposed", *([] if args.no_tma else ["transposed+tma"])]
+    transposed += [f"{transposed[-1]}@{rows}" for rows in args.rows]
+    fwd_variants = ["production", *transposed]
+    dq_variants = ["production16", "production64", *transposed]
     records, failed = [], 0
     for name in args.configs:
         cfg = CONFIGS[name]
@@ -284,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             calls = {
                 ("fwd", "production"): functools.partial(selected_attention_fwd, q, k, v, idx, cfg.nsa, scale, None)
             }
-            calls |= {("fwd", vr): functools.partial(selected_fwd_t, q, k, v, idx, cfg.nsa, scale, vr.endswith("tma"))
+            calls |= {("fwd", vr): functools.partial(selected_fwd_t, q, k, v, idx, cfg.nsa, scale, "tma" in vr,
+                                                     int(vr.partition("@")[2] or 16))
                       for vr in fwd_variants[1:]}  # fmt: skip
             calls |= {("dq", vr): functools.partial(selected_dq, q, k, v, o, lse, do, idx, cfg.nsa, scale, vr)
                       for vr in dq_variants}  # fmt: skip
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(rec)
                 shown = f"{ms:8.3f} ms" if ms is not None else "   (cpu)"
                 verdict = "ok" if ok else "FAILED"
-                print(f"{name:11s} T={seq_len:6d} {what:3s} {label:15s} {shown}  err {err:.1e}  {verdict}")
+                print(f"{name:11s} T={seq_len:6d} {what:3s} {label:18s} {shown}  err {err:.1e}  {verdict}")
     experiment.write(args, "selected_swapab", env, records)
     return 1 if failed else 0
 
