@@ -181,7 +181,15 @@ def optimized_step(p: DecodeProblem, **splits: int | None) -> Callable[[], Tenso
     by a step, so it stays empty. ``splits``: the cache's ``split_tiles`` / ``split_blocks`` / ``tile_blocks``
     (experiments).
     """
-    from optimized.decode import DecodeCache, decode_attention
+    from optimized.decode import decode_attention
+
+    cache = filled_cache(p, **splits)
+    return lambda: decode_attention(p.q, p.gates, cache)
+
+
+def filled_cache(p: DecodeProblem, **splits: int | None) -> Any:
+    """An ``optimized.decode.DecodeCache`` holding the problem's caches, every sequence at ``p.context`` tokens."""
+    from optimized.decode import DecodeCache
 
     cfg, s = p.config, p.context
     cache = DecodeCache(
@@ -194,7 +202,7 @@ def optimized_step(p: DecodeProblem, **splits: int | None) -> Callable[[], Tenso
     tc = p.k_cmp.shape[1]
     cache.k_cmp[:, :tc], cache.v_cmp[:, :tc] = p.k_cmp, p.v_cmp
     cache.lengths.fill_(s)
-    return lambda: decode_attention(p.q, p.gates, cache)
+    return cache
 
 
 def load_factory(spec: str) -> StepFactory:

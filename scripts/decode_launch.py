@@ -1,7 +1,8 @@
 """Experiment: the decode step's time against its launch options, one knob at a time from the defaults.
 
-Knobs: ``num_warps`` and ``num_stages`` of each of the four kernels (``optimized.decode.LAUNCH``) and the
-cache's sizes (``split_tiles`` and ``tile_blocks`` of the compressed pass, ``split_blocks`` of the sparse pass). Every
+Knobs: ``num_warps`` and ``num_stages`` of each of the four kernels (``optimized.decode.LAUNCH``), the
+cache's sizes (``split_tiles`` and ``tile_blocks`` of the compressed pass, ``split_blocks`` of the sparse pass)
+and ``--transposed`` (the compressed pass from ``scripts/swapab.py``, its products transposed for wgmma). Every
 variant is checked against the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per
 variant; writes ``decode_launch.json`` to ``--out``.
 
@@ -26,20 +27,27 @@ from benchmarks import decode
 from benchmarks.run import CONFIGS, environment
 from optimized import decode as kernels
 
+Variant = tuple[str, dict[str, dict[str, int]], dict[str, int], dict[str, Any]]
 
-def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, dict[str, int]], dict[str, int]]]:
-    """(label, LAUNCH overrides, cache splits): the defaults, then each knob value on its own."""
-    out: list[tuple[str, dict[str, dict[str, int]], dict[str, int]]] = [("default", {}, {})]
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    """(label, LAUNCH overrides, cache splits, kernels replaced in optimized.decode): the defaults, then each knob
+    value on its own."""
+    out: list[Variant] = [("default", {}, {}, {})]
     for option, specs in (("num_warps", args.warps), ("num_stages", args.stages)):
         for spec in specs:
             kernel, _, values = spec.partition("=")
             if kernel not in kernels.LAUNCH:
                 flag = "--" + option.removeprefix("num_")
                 raise SystemExit(f"{flag}: kernel must be one of {sorted(kernels.LAUNCH)}, got {kernel!r}")
-            out += [(f"{kernel} {option}={v}", {kernel: {option: int(v)}}, {}) for v in values.split(",")]
-    out += [(f"split_tiles={n}", {}, {"split_tiles": n}) for n in args.split_tiles]
-    out += [(f"split_blocks={n}", {}, {"split_blocks": n}) for n in args.split_blocks]
-    out += [(f"tile_blocks={n}", {}, {"tile_blocks": n}) for n in args.tile_blocks]
+            out += [(f"{kernel} {option}={v}", {kernel: {option: int(v)}}, {}, {}) for v in values.split(",")]
+    out += [(f"split_tiles={n}", {}, {"split_tiles": n}, {}) for n in args.split_tiles]
+    out += [(f"split_blocks={n}", {}, {"split_blocks": n}, {}) for n in args.split_blocks]
+    out += [(f"tile_blocks={n}", {}, {"tile_blocks": n}, {}) for n in args.tile_blocks]
+    if args.transposed:  # scripts/swapab.py: the compressed pass with its products transposed (wgmma)
+        from scripts import swapab
+
+        out += [("compressed transposed", {}, {}, {"decode_compressed_kernel": swapab.decode_compressed_t_kernel})]
     return out
 
 
@@ -53,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-tiles", type=int, nargs="*", default=[])
     p.add_argument("--split-blocks", type=int, nargs="*", default=[])
     p.add_argument("--tile-blocks", type=int, nargs="*", default=[], help="selection blocks per compressed tile")
+    p.add_argument("--transposed", action="store_true", help="the compressed pass transposed (scripts/swapab.py)")
     p.add_argument("--budget-ms", type=float, default=100.0)
     p.add_argument("--min-reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("/tmp"))
@@ -66,15 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         for context in args.contexts:
             problems = [decode.make_problem(cfg, batch, context, device, seed=1000 * batch)]
             expected = decode.eager_step(problems[0].to(torch.float32))()
-            for label, launch, splits in variants(args):
+            for label, launch, splits, replaced in variants(args):
                 saved = {k: dict(v) for k, v in kernels.LAUNCH.items()}
+                saved_kernels = {name: getattr(kernels, name) for name in replaced}
                 for kernel, options in launch.items():
                     kernels.LAUNCH[kernel].update(options)
+                for name, kernel in replaced.items():
+                    setattr(kernels, name, kernel)
                 try:
                     make = functools.partial(decode.optimized_step, **splits)
                     rec = decode.measure_step(make, problems, expected, args)
                 finally:
                     kernels.LAUNCH.update(saved)
+                    for name, kernel in saved_kernels.items():
+                        setattr(kernels, name, kernel)
                 failed += rec["status"] != "ok"
                 records.append({"batch": batch, "context": context, "variant": label, **rec})
                 us = f"{rec['us']:9.1f} us" if "us" in rec else rec["status"]

@@ -8,7 +8,7 @@
 #   scripts/gpu_check.sh env profile          # device time per kernel (scripts/kernel_times.py, PROFILE_ARGS)
 #   scripts/gpu_check.sh env configs          # every autotune config of every kernel (scripts/check_configs.py)
 #   scripts/gpu_check.sh env tiles            # the selected branch against its rows per program (selected_tiles.py)
-#   scripts/gpu_check.sh env swapab           # the selected forward and dq against their wgmma variants (selected_swapab.py)
+#   scripts/gpu_check.sh env swapab           # the selected forward and dq against their wgmma variants (swapab.py)
 #   scripts/gpu_check.sh env ncu              # Nsight Compute on one kernel (NCU_KERNEL, NCU_CMD; clocks untouched)
 #
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
@@ -182,7 +182,7 @@ fi
 if want swapab; then
     # the selected forward and dq with their matmuls transposed for wgmma, with and without TMA (not in the default steps)
     # shellcheck disable=SC2086 # SWAPAB_ARGS is a list of flags
-    run_step "selected_swapab" "${SWAPAB_TIMEOUT:-420}" "$OUT/swapab.log" "$PY" scripts/selected_swapab.py --out "$RESULTS" \
+    run_step "swapab" "${SWAPAB_TIMEOUT:-420}" "$OUT/swapab.log" "$PY" scripts/swapab.py --out "$RESULTS" \
         ${SWAPAB_ARGS:---lengths 8192 65536 --configs default g4}
 fi
 

@@ -26,7 +26,7 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "0"  # the real autotune configs, not the interpreter's
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import selected_swapab  # scripts/: the experiment's transposed selected forward
+import swapab  # scripts/: the experiment's transposed kernels
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -55,7 +55,13 @@ KERNELS = {
         )
         for bm in (16, 32, 64)
     },
-    # the experiment's transposed selected forward and dq (scripts/selected_swapab.py): wgmma, pointer or TMA loads
+    # the selected dK/dV: one program per (kv head, block, chunk of the queries that selected it)
+    "selected_dkv": (
+        selected.selected_bwd_dkv_kernel,
+        {**DIMS, "LS": 64, "BN": 64},
+        {"dk": "*fp32", "dv": "*fp32", "NB": "i32", "TUNE_T": "i32"},
+    ),
+    # the experiment's transposed selected forward and dq (scripts/swapab.py): wgmma, pointer or TMA loads
     **{
         f"selected_{name}_swapab{'_tma' if tma else ''}": (
             kernel,
@@ -63,8 +69,8 @@ KERNELS = {
             {name: "tensordesc<bf16[64, 1, 128]>" for name in ("k", "v") if tma},
         )
         for name, kernel in (
-            ("fwd", selected_swapab.selected_fwd_t_kernel),
-            ("dq", selected_swapab.selected_dq_t_kernel),
+            ("fwd", swapab.selected_fwd_t_kernel),
+            ("dq", swapab.selected_dq_t_kernel),
         )
         for tma in (False, True)
     },
@@ -94,6 +100,13 @@ KERNELS = {
         )
         for bj in (16, 32)  # the cache's tile_blocks: 16 (default) and the larger tile decode_launch.py times
     },
+    # the same pass transposed for wgmma (scripts/swapab.py, decode_launch.py --transposed)
+    "decode_compressed_swapab": (
+        swapab.decode_compressed_t_kernel,
+        {**DIMS, "L": 32, "D": 16, "LS": 64, "NC": 3, "BG": 16, "BJ": 16, "BH": 16},
+        {name: "*fp32" for name in ("cmp_m", "cmp_l", "cmp_acc", "sel", "sel_ref")} | {"v_cmp": "*bf16"},
+        decode.LAUNCH["compressed"],
+    ),
 }
 
 

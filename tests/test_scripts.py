@@ -77,7 +77,7 @@ def test_spills_reports_registers_and_sass(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "kernel must be one of" in bad.stderr
 
 
-def test_selected_swapab_kernel_compiles_to_wgmma_and_tma() -> None:
+def test_swapab_kernel_compiles_to_wgmma_and_tma() -> None:
     """The point of the transposed selected forward and dq: on sm_90 their matmuls are wgmma (HGMMA, no HMMA) and, with
     descriptors, their K/V tiles are bulk tensor copies (UTMALDG); production's (16 rows) are HMMA."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -92,15 +92,25 @@ def test_decode_launch_variants() -> None:
     """decode_launch.py turns its knobs into one variant each: launch options per kernel, then cache splits."""
     decode_launch = load_script("decode_launch")
     args = decode_launch.argparse.Namespace(
-        warps=["select=4,16"], stages=["compressed=3"], split_tiles=[2], split_blocks=[], tile_blocks=[32]
+        warps=["select=4,16"],
+        stages=["compressed=3"],
+        split_tiles=[2],
+        split_blocks=[],
+        tile_blocks=[32],
+        transposed=True,
     )
-    assert decode_launch.variants(args) == [
-        ("default", {}, {}),
-        ("select num_warps=4", {"select": {"num_warps": 4}}, {}),
-        ("select num_warps=16", {"select": {"num_warps": 16}}, {}),
-        ("compressed num_stages=3", {"compressed": {"num_stages": 3}}, {}),
-        ("split_tiles=2", {}, {"split_tiles": 2}),
-        ("tile_blocks=32", {}, {"tile_blocks": 32}),
+    *knobs, (label, launch, splits, replaced) = decode_launch.variants(args)
+    assert knobs == [
+        ("default", {}, {}, {}),
+        ("select num_warps=4", {"select": {"num_warps": 4}}, {}, {}),
+        ("select num_warps=16", {"select": {"num_warps": 16}}, {}, {}),
+        ("compressed num_stages=3", {"compressed": {"num_stages": 3}}, {}, {}),
+        ("split_tiles=2", {}, {"split_tiles": 2}, {}),
+        ("tile_blocks=32", {}, {"tile_blocks": 32}, {}),
+    ]
+    assert (label, launch, splits) == ("compressed transposed", {}, {})
+    assert [(name, kernel.fn.__name__) for name, kernel in replaced.items()] == [
+        ("decode_compressed_kernel", "decode_compressed_t_kernel")
     ]
     args.stages = ["no_such_kernel=3"]
     with pytest.raises(SystemExit, match="--stages: kernel must be one of"):
@@ -142,8 +152,8 @@ def test_selected_tiles_script(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize(("G", "T"), [(16, 45), (3, 37)])
-def test_selected_swapab_kernels_match_the_reference(tma: bool, G: int, T: int) -> None:
-    """selected_swapab.py's transposed forward (S^T = K Q^T) and dq (dQ^T = K^T dS^T) equal the float64 reference
+def test_swapab_kernels_match_the_reference(tma: bool, G: int, T: int) -> None:
+    """swapab.py's transposed forward (S^T = K Q^T) and dq (dQ^T = K^T dS^T) equal the float64 reference
     as closely as the reference run in float16 does; with TMA, block rows past the sequence come back as zeros."""
     from kernel_problems import problem
 
@@ -151,7 +161,7 @@ def test_selected_swapab_kernels_match_the_reference(tma: bool, G: int, T: int) 
     from reference.config import NSAConfig
     from reference.testing import assert_close_to_reference
 
-    swapab = load_script("selected_swapab")
+    swapab = load_script("swapab")
     cfg = NSAConfig(8, 4, 8, 3, 1, 1, window=16)
     p = problem(T, 2, G, 24, 16, cfg, torch.float16, seed=G)
     x64, x16 = (p.tensors(DEVICE, dt, requires_grad=True) for dt in (torch.float64, None))
@@ -173,15 +183,55 @@ def test_selected_swapab_kernels_match_the_reference(tma: bool, G: int, T: int) 
     assert_close_to_reference(dq, want[1], same_dtype[1], name="dq")
 
 
-def test_selected_swapab_script(tmp_path: Path) -> None:
-    """selected_swapab.py checks every variant against production and writes its records."""
-    swapab = load_script("selected_swapab")
+def test_swapab_script(tmp_path: Path) -> None:
+    """swapab.py checks every variant against production and writes its records."""
+    swapab = load_script("swapab")
     argv = ["--configs", "tiny", "--lengths", "40", "--rows", "32", "--out", str(tmp_path), "--device", str(DEVICE)]
     assert swapab.main(argv) == 0
-    records = json.loads((tmp_path / "selected_swapab.json").read_text())["records"]
+    records = json.loads((tmp_path / "swapab.json").read_text())["records"]
     transposed = ["transposed", "transposed+tma", "transposed+tma@32"]
     assert [(r["pass"], r["variant"]) for r in records] == [
         ("fwd", "production"), *(("fwd", t) for t in transposed),
         ("dq", "production16"), ("dq", "production64"), *(("dq", t) for t in transposed),
     ]  # fmt: skip
     assert all(r["ok"] for r in records)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_transposed_decode_compressed_pass_writes_what_production_writes(dtype: str) -> None:
+    """swapab.py's decode_compressed_t_kernel, swapped into the step, writes the same partial softmax states and
+    selection sums (halo included) as production's kernel: G = 16, odd head dims, ragged lengths, workspaces
+    NaN-filled before each step so that an entry written by only one kernel fails."""
+    import optimized.decode as kernels
+    from benchmarks import decode, run
+    from reference.config import NSAConfig
+
+    swapab = load_script("swapab")
+    cfg = run.BenchConfig(
+        "t", heads_q=32, heads_kv=2, dim_k=24, dim_v=20, dtype=dtype, nsa=NSAConfig(32, 16, 64, 4, 1, 1, 64)
+    )
+    p = decode.make_problem(cfg, 3, 2500, DEVICE, seed=5)  # 3 tiles of 16 selection blocks: halos
+    cache = decode.filled_cache(p)
+    cache.lengths.copy_(torch.tensor([2500, 1431, 97], device=DEVICE, dtype=cache.lengths.dtype))
+    names = ("cmp_m", "cmp_l", "cmp_acc", "sel", "sel_ref")
+    written = []
+    for kernel in (kernels.decode_compressed_kernel, swapab.decode_compressed_t_kernel):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(kernels, "decode_compressed_kernel", kernel)
+            for buffer in cache.workspace(cfg.heads_q).values():
+                buffer.fill_(float("nan"))
+            o = kernels.decode_attention(p.q, p.gates, cache)
+        assert torch.isfinite(o).all()
+        written.append({n: cache.workspace(cfg.heads_q)[n].clone() for n in names})
+    for n in names:
+        torch.testing.assert_close(written[1][n], written[0][n], rtol=1e-3, atol=1e-3, equal_nan=True, msg=n)
+
+
+def test_decode_launch_runs_the_transposed_compressed_pass(tmp_path: Path) -> None:
+    """decode_launch.py --transposed: the step with swapab.py's compressed pass equals the eager step (the
+    script checks every variant before timing it and fails the run otherwise)."""
+    decode_launch = load_script("decode_launch")
+    argv = ["--config", "tiny", "--contexts", "100", "--batches", "3", "--transposed", "--min-reps", "1"]
+    assert decode_launch.main([*argv, "--budget-ms", "1", "--out", str(tmp_path), "--device", str(DEVICE)]) == 0
+    records = json.loads((tmp_path / "decode_launch.json").read_text())["records"]
+    assert [(r["variant"], r["status"]) for r in records] == [("default", "ok"), ("compressed transposed", "ok")]
