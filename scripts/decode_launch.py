@@ -2,7 +2,8 @@
 
 Knobs: ``num_warps`` and ``num_stages`` of each of the four kernels (``optimized.decode.LAUNCH``), the
 cache's sizes (``split_tiles`` and ``tile_blocks`` of the compressed pass, ``split_blocks`` of the sparse pass)
-and ``--transposed`` (the compressed pass from ``scripts/swapab.py``, its products transposed for wgmma). Every
+``--transposed`` (the compressed pass from ``scripts/swapab.py``, its products transposed for wgmma) and
+``--pdl`` (``optimized.decode.PDL``: kernels 2-4 launched while their predecessor runs). Every
 variant is checked against the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per
 variant; writes ``decode_launch.json`` to ``--out``.
 
@@ -31,8 +32,8 @@ Variant = tuple[str, dict[str, dict[str, int]], dict[str, int], dict[str, Any]]
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
-    """(label, LAUNCH overrides, cache splits, kernels replaced in optimized.decode): the defaults, then each knob
-    value on its own."""
+    """(label, LAUNCH overrides, cache splits, attributes of optimized.decode replaced: kernels, ``PDL``): the
+    defaults, then each knob value on its own."""
     out: list[Variant] = [("default", {}, {}, {})]
     for option, specs in (("num_warps", args.warps), ("num_stages", args.stages)):
         for spec in specs:
@@ -48,6 +49,8 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         from scripts import swapab
 
         out += [("compressed transposed", {}, {}, {"decode_compressed_kernel": swapab.decode_compressed_t_kernel})]
+    if args.pdl:
+        out += [("pdl", {}, {}, {"PDL": True})]
     return out
 
 
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-blocks", type=int, nargs="*", default=[])
     p.add_argument("--tile-blocks", type=int, nargs="*", default=[], help="selection blocks per compressed tile")
     p.add_argument("--transposed", action="store_true", help="the compressed pass transposed (scripts/swapab.py)")
+    p.add_argument("--pdl", action="store_true", help="kernels 2-4 under programmatic dependent launch")
     p.add_argument("--budget-ms", type=float, default=100.0)
     p.add_argument("--min-reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("/tmp"))
