@@ -16,6 +16,7 @@ import torch
 import triton
 from triton.runtime import interpreter
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -29,6 +30,8 @@ def _type(value: object) -> str:
     """The Triton signature type of a runtime argument."""
     if isinstance(value, torch.Tensor):
         return "*" + DTYPES[value.dtype]
+    if isinstance(value, TensorDescriptor):  # a host-side TMA descriptor: its dtype and box
+        return f"tensordesc<{DTYPES[value.base.dtype]}[{', '.join(map(str, value.block_shape))}]>"
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -39,7 +42,10 @@ def _type(value: object) -> str:
 
 
 def record(fn: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-    """Remember the launch of the Python function ``fn`` with these arguments."""
+    """Remember the launch of the Python function ``fn`` with these arguments: the library's kernels only (the
+    experiments' kernels in ``scripts/`` are not importable by module name; their tests compile them)."""
+    if not fn.__module__.startswith("optimized."):
+        return
     jit = JITFunction(fn)
     values = dict(zip(jit.arg_names, args)) | {k: v for k, v in kwargs.items() if k in jit.arg_names}
     options = {k: v for k, v in kwargs.items() if k in OPTIONS and v is not None}

@@ -249,3 +249,17 @@ def test_decode_launch_runs_the_transposed_compressed_pass(tmp_path: Path) -> No
     assert decode_launch.main([*argv, "--budget-ms", "1", "--out", str(tmp_path), "--device", str(DEVICE)]) == 0
     records = json.loads((tmp_path / "decode_launch.json").read_text())["records"]
     assert [(r["variant"], r["status"]) for r in records] == [("default", "ok"), ("compressed transposed", "ok")]
+
+
+def test_launch_recorder_records_tma_descriptors_and_only_library_kernels() -> None:
+    """compile_check.py compiles what the tests launched: a host TMA descriptor is typed by its dtype and box, and
+    kernels outside ``optimized`` (the experiments in scripts/, not importable by module name) are left out."""
+    import launch_recorder
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    x = torch.zeros(8, 2, 16, dtype=torch.float16)
+    assert launch_recorder._type(TensorDescriptor.from_tensor(x, [4, 1, 16])) == "tensordesc<fp16[4, 1, 16]>"
+    before = len(launch_recorder.launches)
+    swapab = load_script("swapab")
+    launch_recorder.record(swapab.selected_fwd_t_kernel.fn.fn, (), {})
+    assert len(launch_recorder.launches) == before
