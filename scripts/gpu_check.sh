@@ -183,7 +183,7 @@ if want swapab; then
     # the selected forward and dq with their matmuls transposed for wgmma, with and without TMA (not in the default steps)
     # shellcheck disable=SC2086 # SWAPAB_ARGS is a list of flags
     run_step "swapab" "${SWAPAB_TIMEOUT:-420}" "$OUT/swapab.log" "$PY" scripts/swapab.py --out "$RESULTS" \
-        ${SWAPAB_ARGS:---lengths 8192 65536 --configs default g4}
+        ${SWAPAB_ARGS:---lengths 8192 65536 --configs default}
 fi
 
 if want profile; then
