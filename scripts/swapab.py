@@ -46,6 +46,7 @@ from optimized._common import (
     autotune_configs,
     next_power_of_2,
     overlap_strides,
+    store_dq,
 )
 from optimized._sparse import sequence_lengths
 from optimized.selected import (
@@ -75,6 +76,33 @@ def attn_fwd_update_t(b_st, b_v, b_m, b_l, b_acct, DOT_PRECISION: tl.constexpr):
     b_vt = tl.trans(b_v)  # [BV, BN]
     b_acct = b_acct * b_alpha[None, :] + tl.dot(b_vt, b_pt.to(b_vt.dtype), input_precision=DOT_PRECISION)
     return b_m_new, b_l, b_acct
+
+
+@triton.jit
+def _kv_block(k, v, s0, i_h, m_n, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """K and V of the block whose first key is packed token s0, keys as rows: b_k [BN, BK], b_v [BN, BV]. With TMA
+    (k, v tensor descriptors) one bulk copy each: keys past the tensor come back as zeros, keys past the block as
+    they are (the callers mask their scores); else pointer loads masked by m_n [BN]."""
+    if TMA:
+        b_k = k.load([s0, i_h, 0]).reshape(BN, BK)
+        b_v = v.load([s0, i_h, 0]).reshape(BN, BV)
+    else:
+        o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+        o_key = (s0 + tl.arange(0, BN)).to(tl.int64) * H + i_h  # [BN] index into [TT, H]
+        b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & (o_k < DK)[None, :], other=0.0)
+        b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & (o_v < DV)[None, :], other=0.0)
+    return b_k, b_v
+
+
+def _kv_operands(k2: torch.Tensor, v2: torch.Tensor, meta: dict[str, object], tma: bool) -> tuple[object, object]:
+    """K and V [TT, H, D] as the kernels read them: tensor descriptors of [BN, 1, BK] boxes if ``tma``."""
+    if not tma:
+        return k2, v2
+    return (
+        TensorDescriptor.from_tensor(k2, [meta["BN"], 1, meta["BK"]]),
+        TensorDescriptor.from_tensor(v2, [meta["BN"], 1, meta["BV"]]),
+    )
 
 
 @triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2, 3)), key=[*_ROWS_TUNE_KEY, "TMA"])
@@ -127,13 +155,7 @@ def selected_fwd_t_kernel(
         s0 = bos + i_blk * LS
         o_s = s0 + o_n  # [BN]
         m_n = (o_n < LS) & (o_s <= t_last)
-        if TMA:  # out-of-range rows and dims come back as zeros; rows past the block are masked below
-            b_k = k.load([s0, i_h, 0]).reshape(BN, BK)  # [BN, BK]
-            b_v = v.load([s0, i_h, 0]).reshape(BN, BV)  # [BN, BV]
-        else:
-            o_key = o_s.to(tl.int64) * H + i_h
-            b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & m_dk[None, :], other=0.0)
-            b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.0)
+        b_k, b_v = _kv_block(k, v, s0, i_h, m_n, H, DK, DV, BN, BK, BV, TMA)  # [BN, BK], [BN, BV]
         b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]  S^T = K Q^T
         m_st = m_row[None, :] & m_n[:, None] & (o_s[:, None] <= o_t[None, :])  # [BN, BM] causal: s <= t
         b_st = tl.where(m_st, b_st, float("-inf"))
@@ -160,9 +182,7 @@ def selected_fwd_t(
     lengths = sequence_lengths(B, T, None)
     cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config, rows)
     meta = _meta(q, k, v, config.select_block)
-    if tma:
-        k2 = TensorDescriptor.from_tensor(k2, [meta["BN"], 1, meta["BK"]])
-        v2 = TensorDescriptor.from_tensor(v2, [meta["BN"], 1, meta["BV"]])
+    k2, v2 = _kv_operands(k2, v2, meta, tma)
     o = torch.empty(B * T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * T, HQ, dtype=torch.float32, device=q.device)
     selected_fwd_t_kernel[(tile_seq.numel(), H)](
@@ -226,21 +246,14 @@ def selected_dq_t_kernel(
         s0 = bos + i_blk * LS
         o_s = s0 + o_n  # [BN]
         m_n = (o_n < LS) & (o_s <= t_last)
-        if TMA:
-            b_k = k.load([s0, i_h, 0]).reshape(BN, BK)  # [BN, BK]
-            b_v = v.load([s0, i_h, 0]).reshape(BN, BV)  # [BN, BV]
-        else:
-            o_key = o_s.to(tl.int64) * H + i_h
-            b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & m_dk[None, :], other=0.0)
-            b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.0)
+        b_k, b_v = _kv_block(k, v, s0, i_h, m_n, H, DK, DV, BN, BK, BV, TMA)  # [BN, BK], [BN, BV]
         m_st = m_row[None, :] & m_n[:, None] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
         b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
         b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)
         b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION)  # [BN, BM]
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dqt += tl.dot(tl.trans(b_k), b_dst.to(b_k.dtype), input_precision=DOT_PRECISION)  # [BK, BM]
-    b_dq = tl.trans(b_dqt) * scale  # [BM, BK]
-    tl.store(dq + o_row[:, None] * DK + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_r[:, None] & m_dk[None, :])
+    store_dq(dq, dq, o_row[:, None] * DK + o_k[None, :], tl.trans(b_dqt), m_r[:, None] & m_dk[None, :], scale, False)
 
 
 def selected_dq(
@@ -278,9 +291,7 @@ def selected_dq(
         )  # fmt: skip
         return dq.view(q.shape)
     tma = variant == "transposed+tma"
-    if tma:
-        k2 = TensorDescriptor.from_tensor(k2, [meta["BN"], 1, meta["BK"]])
-        v2 = TensorDescriptor.from_tensor(v2, [meta["BN"], 1, meta["BV"]])
+    k2, v2 = _kv_operands(k2, v2, meta, tma)
     selected_dq_t_kernel[grid](
         q2, k2, v2, do2, lse2, delta, idx2, dq, cu, tile_seq, tile_start, union, union_len, scale, TMA=tma, **sizes
     )  # fmt: skip
