@@ -79,6 +79,7 @@ from ._common import (
     attn_fwd_update,
     check_kernel_dtype,
     dot_precision,
+    is_interpreting,
     next_power_of_2,
     overlap_strides,
 )
@@ -644,27 +645,28 @@ def decode_attention(
     block_idx = torch.empty(B, H, n, dtype=torch.int32, device=q.device)
     o = torch.empty(B, 1, HQ, DV, dtype=q.dtype, device=q.device)
     precision = dot_precision(q.dtype)
-    dependent = {"launch_pdl": True} if PDL else {}  # kernels 2-4 under programmatic dependent launch
+    pdl = PDL and not is_interpreting()  # the interpreter runs grids one by one and has no griddepcontrol
+    dependent = {"launch_pdl": True} if pdl else {}  # kernels 2-4 under programmatic dependent launch
     decode_compressed_kernel[(B, H, NC)](
         q, cache.k_cmp, cache.v_cmp, cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["sel"],
         ws["sel_ref"], scale, cache.k_cmp.shape[1], NT, cache.split_tiles, H=H, G=G, DK=DK, DV=DV, L=L, D=D, LS=LS,
-        NC=NC, BG=BG, BK=BK, BV=BV, BJ=BJ, BH=BH, DOT_PRECISION=precision, PDL=PDL, **LAUNCH["compressed"],
+        NC=NC, BG=BG, BK=BK, BV=BV, BJ=BJ, BH=BH, DOT_PRECISION=precision, PDL=pdl, **LAUNCH["compressed"],
     )  # fmt: skip
     decode_select_kernel[(B, H)](
         cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], block_idx, NT, H=H, G=G, LS=LS,
         N_SEL=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, NC=NC, BG=BG,
-        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=BJ, NSP=NSP, BSEL=BSEL, PDL=PDL,
+        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=BJ, NSP=NSP, BSEL=BSEL, PDL=pdl,
         **LAUNCH["select"], **dependent,
     )  # fmt: skip
     decode_sparse_kernel[(B, H, NSPLIT)](
         q, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, cache.lengths, block_idx, ws["part_m"],
         ws["part_l"], ws["part_acc"], scale, cache.max_len, cache.window_len, H=H, G=G, DK=DK, DV=DV, LS=LS,
         W=config.window, N_SEL=n, SB=SB, NSS=NSS, NSPLIT=NSPLIT, BG=BG, BK=BK, BV=BV, BN=BN,
-        DOT_PRECISION=precision, PDL=PDL, **LAUNCH["sparse"], **dependent,
+        DOT_PRECISION=precision, PDL=pdl, **LAUNCH["sparse"], **dependent,
     )  # fmt: skip
     decode_combine_kernel[(B, HQ)](
         ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["part_m"], ws["part_l"], ws["part_acc"], gates, o, HQ=HQ,
         DV=DV, NC=NC, NSS=NSS, NSPLIT=NSPLIT, BPC=_pow2_at_most(NC, 32), BPS=_pow2_at_most(NSS, 32),
-        BPW=_pow2_at_most(NSPLIT - NSS, 32), BV=BV, PDL=PDL, **LAUNCH["combine"], **dependent,
+        BPW=_pow2_at_most(NSPLIT - NSS, 32), BV=BV, PDL=pdl, **LAUNCH["combine"], **dependent,
     )  # fmt: skip
     return (o, block_idx) if return_block_idx else o
