@@ -1,6 +1,5 @@
 """What the kernel experiments in ``scripts/`` share: their flags, the header line, the benchmark's inputs
-for the selected branch, and the JSON they write (``selected_tiles.py``, ``swapab.py``,
-``selection_tiles.py``)."""
+for the selected branch, and the JSON they write (``selected_tiles.py``, ``selection_tiles.py``)."""
 
 from __future__ import annotations
 

@@ -6,9 +6,7 @@ into rows ``r = t G + g`` (``q`` is ``[T, HQ, DK]``, so a group's heads are adja
 heads of a group share their blocks, so each K/V block is loaded once for all of them). ``BM = 16``, the
 smallest tensor-core tile, so ``G = 16`` gives one position per program (the paper's kernel) and a small
 group fills the tile with neighbouring positions instead of padding (``G = 4``: 4 positions). The launchers
-take ``rows`` for larger tiles (``scripts/selected_tiles.py`` times them): the dq kernel runs 64 rows per
-program (``DQ_TILE_ROWS``; on the H200 its backward took 4.78 -> 4.08 ms at 8k, ``G = 16``, and 25.2 -> 23.8 ms
-at 64k, ``G = 4``), the forward 16 (64 rows made it slower at 64k: 17.5 -> 23.8 ms at ``G = 16``).
+take ``rows`` for larger tiles (``scripts/selected_tiles.py`` times them); both kernels run 16.
 
 **Forward** (grid: row tiles x H). The rows' block lists ``[BM, n]`` are loaded once, and the program
 walks the *union* of the tile's blocks in ascending order (precomputed per tile by a few sorts on the
@@ -23,13 +21,19 @@ block is still loaded once per tile. The branch is bound by memory traffic (each
 serves ``2 G`` flops per position), so the shared loads are what counts. Head dims are padded to powers
 of two and ``l'`` to a power of two >= 16 (one key tile per block; ``l' <= 128`` keeps it in registers).
 
-**Backward.** ``delta = rowsum(o * do)`` (``_common``); dq with the forward's union loop over tiles of
-``DQ_TILE_ROWS`` rows (``attn_bwd_dq_step``). dK/dV are *inverted*: for each kv head and block, the list of
-query positions that selected it, built with one stable sort of the ``T H n`` (key = head, global block) pairs
-in PyTorch (no host sync). Long lists (the initial and local blocks are chosen by every query) are cut into
-chunks of ``CH`` positions so no program serialises a whole sequence; each chunk program keeps its block's K/V
-resident, walks its positions' ``G`` heads in tiles of rows (``attn_bwd_dkv_step``) and adds its partial dK/dV
-into a float32 buffer with one atomic add per element: a block with ``c`` chunks sees ``c`` adds (``c <= T /
+**Backward.** ``delta = rowsum(o * do)`` (``_common``); dq with the forward's tiles and union loop, its products
+transposed: with 16 rows, ``S = Q K^T`` has M = 16, below the M = 64 of Hopper's wgmma, and Triton falls back to
+``mma.sync``; the dq kernel computes ``S^T = K Q^T``, ``dP^T = V dO^T`` and ``dQ^T += K^T dS^T`` instead (M = the
+block's keys, then the head dims), so wgmma reads K and V from shared memory, and loads each block's K and V by TMA
+(``_kv_operands``: host tensor descriptors) where the rows are 16-byte aligned and the card has it, else by masked
+pointer loads. On an H100 the selected backward took 4.90 -> 4.26 ms at 8k and 40.2 -> 34.8 ms at 64k (``G = 16``)
+against the earlier dq (``mma.sync``-free only at 64 rows per program). The forward transposed the same way was 4-7%
+slower (2.14 -> 2.25 ms at 8k, 18.3 -> 19.6 at 64k): it keeps ``mma.sync``. dK/dV are *inverted*: for each kv head
+and block, the list of query positions that selected it, built with one stable sort of the ``T H n`` (key = head,
+global block) pairs in PyTorch (no host sync). Long lists (the initial and local blocks are chosen by every query)
+are cut into chunks of ``CH`` positions so no program serialises a whole sequence; each chunk program keeps its
+block's K/V resident, walks its positions' ``G`` heads in tiles of rows (``attn_bwd_dkv_step``) and adds its partial
+dK/dV into a float32 buffer with one atomic add per element: a block with ``c`` chunks sees ``c`` adds (``c <= T /
 CH``), never a per-query atomic.
 """
 
@@ -38,6 +42,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from reference._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
 from reference.config import NSAConfig
@@ -47,7 +52,6 @@ from ._common import (
     LOG2E,
     attn_bwd_delta,
     attn_bwd_dkv_step,
-    attn_bwd_dq_step,
     attn_fwd_finish,
     attn_fwd_step,
     autotune_configs,
@@ -164,12 +168,29 @@ def selected_fwd_kernel(
     tl.store(lse + o_row, b_lse, mask=m_r)
 
 
-@triton.autotune(configs=autotune_configs({}, num_warps=(2, 4), num_stages=(1, 2, 3)), key=_ROWS_TUNE_KEY)
+@triton.jit
+def _kv_block(k, v, s0, i_h, m_n, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """K and V of the block whose first key is packed token s0, keys as rows: b_k [BN, BK], b_v [BN, BV]. With TMA
+    (k, v are tensor descriptors) one bulk copy each: keys past the tensor come back as zeros, keys past the block
+    as they are (finite data: the callers mask their scores, so they weigh 0); else pointer loads masked by m_n."""
+    if TMA:
+        b_k = k.load([s0, i_h, 0]).reshape(BN, BK)
+        b_v = v.load([s0, i_h, 0]).reshape(BN, BV)
+    else:
+        o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+        o_key = (s0 + tl.arange(0, BN)).to(tl.int64) * H + i_h  # [BN] index into [TT, H]
+        b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & (o_k < DK)[None, :], other=0.0)
+        b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & (o_v < DV)[None, :], other=0.0)
+    return b_k, b_v
+
+
+@triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2, 3)), key=[*_ROWS_TUNE_KEY, "TMA"])
 @triton.jit
 def selected_bwd_dq_kernel(
     q,
-    k,
-    v,
+    k,  # [TT, H, DK], or its tensor descriptor (box [BN, 1, BK]) if TMA
+    v,  # [TT, H, DV], or its tensor descriptor (box [BN, 1, BV]) if TMA
     do,
     lse,
     delta,
@@ -197,45 +218,38 @@ def selected_bwd_dq_kernel(
     BM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HAS_DQ_PREV: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """dq of one tile of BM rows: the forward's grid and union loop."""
+    """dq of one tile of BM rows (the forward's grid and union loop), transposed for wgmma: ``P^T = exp2(K Q^T - lse)``,
+    ``dP^T = V dO^T``, ``dS^T = P^T (dP^T - delta)``, ``dQ^T += K^T dS^T`` (M = BN keys, then BK dims)."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     bos, o_t, o_row, m_r, b_idx = _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G, N, BM, NP)
     t_last = tl.max(tl.where(m_r, o_t, 0), axis=0)  # the tile's last position
     o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
     m_dk, m_dv = o_k < DK, o_v < DV
-    m_rk, m_rv = m_r[:, None] & m_dk[None, :], m_r[:, None] & m_dv[None, :]
     qk_scale = scale * _LOG2E
-    b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_rk, other=0.0)  # [BM, BK]
-    b_do = tl.load(do + o_row[:, None] * DV + o_v[None, :], mask=m_rv, other=0.0)  # [BM, BV]
+    b_qt = tl.load(q + o_row[None, :] * DK + o_k[:, None], mask=m_r[None, :] & m_dk[:, None], other=0.0)  # [BK, BM]
+    b_dot = tl.load(do + o_row[None, :] * DV + o_v[:, None], mask=m_r[None, :] & m_dv[:, None], other=0.0)  # [BV, BM]
     b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.0) * _LOG2E  # [BM]
     b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)  # [BM]
 
-    b_dq = tl.zeros([BM, BK], dtype=tl.float32)
+    b_dqt = tl.zeros([BK, BM], dtype=tl.float32)  # dQ^T
     n_union = tl.load(union_len + i_tile * H + i_h)
     for i_u in range(0, n_union):  # the union of the rows' blocks, ascending
         i_blk = tl.load(union + (i_tile * H + i_h).to(tl.int64) * U + i_u)
         m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM]
-        o_s = bos + i_blk * LS + o_n  # [BN]
-        m_n = o_n < LS
-        o_key = o_s.to(tl.int64) * H + i_h  # [BN]
-        m_s = m_row[:, None] & m_n[None, :] & (o_s[None, :] <= o_t[:, None])  # [BM, BN]
-        m_n = m_n & (o_s <= t_last)
-        b_dq = attn_bwd_dq_step(
-            b_q,
-            b_do,
-            b_lse2,
-            b_delta,
-            k + o_key[None, :] * DK + o_k[:, None],  # [BK, BN]
-            v + o_key[None, :] * DV + o_v[:, None],  # [BV, BN]
-            m_dk[:, None] & m_n[None, :],
-            m_dv[:, None] & m_n[None, :],
-            m_s,
-            qk_scale,
-            b_dq,
-            DOT_PRECISION,
-        )
-    store_dq(dq, dq_prev, o_row[:, None] * DK + o_k[None, :], b_dq, m_rk, scale, HAS_DQ_PREV)
+        s0 = bos + i_blk * LS
+        o_s = s0 + o_n  # [BN]
+        m_n = (o_n < LS) & (o_s <= t_last)
+        b_k, b_v = _kv_block(k, v, s0, i_h, m_n, H, DK, DV, BN, BK, BV, TMA)  # [BN, BK], [BN, BV]
+        m_st = m_row[None, :] & m_n[:, None] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
+        b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
+        b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)  # P^T
+        b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION)  # [BN, BM] dP^T = V dO^T
+        b_dst = b_pt * (b_dpt - b_delta[None, :])  # dS^T
+        b_dqt += tl.dot(tl.trans(b_k), b_dst.to(b_k.dtype), input_precision=DOT_PRECISION)  # [BK, BM]
+    m_rk = m_r[:, None] & m_dk[None, :]
+    store_dq(dq, dq_prev, o_row[:, None] * DK + o_k[None, :], tl.trans(b_dqt), m_rk, scale, HAS_DQ_PREV)
 
 
 @triton.autotune(
@@ -333,13 +347,27 @@ def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select_block: int) 
     )
 
 
+def _kv_operands(k2: torch.Tensor, v2: torch.Tensor, meta: dict[str, object]) -> tuple[object, object, bool]:
+    """K and V [TT, H, D] (packed) as the forward and dq kernels read them, and whether through TMA: tensor
+    descriptors of [BN, 1, BD] boxes where the card has TMA (sm_90 and newer; the interpreter emulates it) and
+    every row starts 16-byte aligned (D * itemsize a multiple of 16, as at D = 128), else the tensors."""
+    aligned = all(x.data_ptr() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0 for x in (k2, v2))
+    tma = aligned and max(meta["BK"], meta["BV"], meta["BN"]) <= 256  # a TMA box is at most 256 per dimension
+    if tma and not is_interpreting():
+        tma = torch.cuda.get_device_capability(k2.device)[0] >= 9
+    if not tma:
+        return k2, v2, False
+    box = [meta["BN"], 1]
+    k_desc = TensorDescriptor.from_tensor(k2, [*box, meta["BK"]])
+    return k_desc, TensorDescriptor.from_tensor(v2, [*box, meta["BV"]]), True
+
+
 def _packed(*xs: torch.Tensor) -> list[torch.Tensor]:
     """[B, T, ...] -> contiguous [B * T, ...]: a dense batch is B packed sequences."""
     return [x.contiguous().view(x.shape[0] * x.shape[1], *x.shape[2:]) for x in xs]
 
 
-TILE_ROWS = 16  # rows (t G + g) per program of the forward kernel: the smallest tensor-core tile
-DQ_TILE_ROWS = 64  # rows per program of the dq kernel: measured faster than 16 on the H200 (performance log)
+TILE_ROWS = 16  # rows (t G + g) per program of the forward and dq kernels: the smallest tensor-core tile
 
 
 def _row_tiles(
@@ -466,7 +494,7 @@ def selected_attention_bwd(
     cu_seqlens: torch.Tensor | None,
     o_dot_do: torch.Tensor | None = None,
     dq_prev: torch.Tensor | None = None,
-    rows: int = DQ_TILE_ROWS,
+    rows: int = TILE_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of selected attention, shapes as q, k, v. ``o_dot_do`` (rowsum(o * do), fp32
     [B, T, HQ]) and ``dq_prev`` as in ``interval_attention_bwd``: precomputed by a fused caller, or None.
@@ -481,10 +509,11 @@ def selected_attention_bwd(
     delta = attn_bwd_delta(o2, do2, None, o_dot_do).view(B * T, HQ)  # [TT, HQ]
     dq = torch.empty_like(q2)
     has_prev = dq_prev is not None
+    k_dq, v_dq, tma = _kv_operands(k2, v2, meta)
     selected_bwd_dq_kernel[(tile_seq.numel(), H)](
-        q2, k2, v2, do2, lse2, delta, idx2, dq, _packed(dq_prev)[0] if has_prev else dq, cu, tile_seq, tile_start,
-        union, union_len, scale, N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, HAS_DQ_PREV=has_prev,
-        **meta,
+        q2, k_dq, v_dq, do2, lse2, delta, idx2, dq, _packed(dq_prev)[0] if has_prev else dq, cu, tile_seq,
+        tile_start, union, union_len, scale, N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM,
+        HAS_DQ_PREV=has_prev, TMA=tma, **meta,
     )  # fmt: skip
     chunk = 64 if is_interpreting() else 512
     key, start, end, query_of, block_start, block_end, NB = invert_blocks(idx2, lengths, config.select_block, chunk)

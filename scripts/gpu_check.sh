@@ -8,7 +8,6 @@
 #   scripts/gpu_check.sh env profile          # device time per kernel (scripts/kernel_times.py, PROFILE_ARGS)
 #   scripts/gpu_check.sh env configs          # every autotune config of every kernel (scripts/check_configs.py)
 #   scripts/gpu_check.sh env tiles            # the selected branch against its rows per program (selected_tiles.py)
-#   scripts/gpu_check.sh env swapab           # the selected forward and dq against their wgmma variants (swapab.py)
 #   scripts/gpu_check.sh env ncu              # Nsight Compute on one kernel (NCU_KERNEL, NCU_CMD; clocks untouched)
 #
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
@@ -23,8 +22,7 @@
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
 # BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags), AB_CMD and AB_TIMEOUT (90 s per run, twice that in round 1) for the ab step
 # (not in the default steps: it needs ab_base/ from scripts/ab_prepare.sh).
-# TILES_ARGS and TILES_TIMEOUT (420 s: it autotunes each row tile) for the tiles step; SWAPAB_ARGS and
-# SWAPAB_TIMEOUT (420 s: it autotunes every variant) for the swapab step.
+# TILES_ARGS and TILES_TIMEOUT (420 s: it autotunes each row tile) for the tiles step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -179,13 +177,6 @@ if want tiles; then
         ${TILES_ARGS:---lengths 8192 65536 --configs default g4 paper_dims --rows 32 64}
 fi
 
-if want swapab; then
-    # the selected forward and dq with their matmuls transposed for wgmma, with and without TMA (not in the default steps)
-    # shellcheck disable=SC2086 # SWAPAB_ARGS is a list of flags
-    run_step "swapab" "${SWAPAB_TIMEOUT:-420}" "$OUT/swapab.log" "$PY" scripts/swapab.py --out "$RESULTS" \
-        ${SWAPAB_ARGS:---lengths 8192 65536 --configs default}
-fi
-
 if want profile; then
     # device time per kernel (not in the default steps): where the core's fwd+bwd and a decode step spend it
     # shellcheck disable=SC2086 # PROFILE_ARGS is a list of flags
@@ -244,10 +235,6 @@ fi
 if [[ -f $OUT/tiles.log ]]; then
     echo "----- selected branch against its rows per program"
     grep -E ' T= *[0-9]+ rows=' "$OUT/tiles.log" | head -n 40
-fi
-if [[ -f $OUT/swapab.log ]]; then
-    echo "----- selected forward and dq: production against the transposed (wgmma) variants"
-    grep -E ' T= *[0-9]+ (fwd|dq) ' "$OUT/swapab.log" | head -n 40
 fi
 if [[ -f $OUT/profile.log ]]; then
     echo "----- device time per kernel"

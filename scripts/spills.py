@@ -26,7 +26,7 @@ import tempfile
 os.environ["TRITON_INTERPRET"] = "0"  # the real autotune configs, not the interpreter's
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-import swapab  # scripts/: the experiment's transposed kernels
+import swapab  # scripts/: the experiment's transposed decode pass
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -45,15 +45,24 @@ KERNELS = {
     "interval_fwd": (_interval.interval_fwd_kernel, DIMS, {}),
     "interval_dq": (_interval.interval_bwd_dq_kernel, {**DIMS, "HAS_DQ_PREV": True}, {}),
     "interval_dkv": (_interval.interval_bwd_dkv_kernel, {**DIMS, "ATOMIC": True}, {"dk": "*fp32", "dv": "*fp32"}),
-    # the selected forward and dq at their row tile (TILE_ROWS = 16 rows: one position at G = 16) and at the
-    # larger tiles that scripts/selected_tiles.py times (2 and 4 positions)
+    # the selected forward and dq at their row tile (16 rows: one position at G = 16) and at the larger tiles that
+    # scripts/selected_tiles.py times (2 and 4 positions); the dq (transposed products: wgmma) reads K/V through TMA
+    # descriptors as at D = 128, "_pointers": its path for rows that are not 16-byte aligned
     **{
-        f"selected_{name}{'' if bm == 16 else f'_bm{bm}'}": (kernel, {**DIMS, **SPARSE, "BM": bm, **extra}, {})
-        for name, kernel, extra in (
-            ("fwd", selected.selected_fwd_kernel, {}),
-            ("dq", selected.selected_bwd_dq_kernel, {"HAS_DQ_PREV": True}),
+        f"selected_fwd{'' if bm == 16 else f'_bm{bm}'}": (
+            selected.selected_fwd_kernel,
+            {**DIMS, **SPARSE, "BM": bm},
+            {},
         )
         for bm in (16, 32, 64)
+    },
+    **{
+        f"selected_dq{'' if bm == 16 else f'_bm{bm}'}{'' if tma else '_pointers'}": (
+            selected.selected_bwd_dq_kernel,
+            {**DIMS, **SPARSE, "BM": bm, "TMA": tma, "HAS_DQ_PREV": True},
+            {name: "tensordesc<bf16[64, 1, 128]>" for name in ("k", "v") if tma},
+        )
+        for bm, tma in ((16, True), (32, True), (64, True), (16, False))
     },
     # the selected dK/dV: one program per (kv head, block, chunk of the queries that selected it)
     "selected_dkv": (
@@ -61,19 +70,6 @@ KERNELS = {
         {**DIMS, "LS": 64, "BN": 64},
         {"dk": "*fp32", "dv": "*fp32", "NB": "i32", "TUNE_T": "i32"},
     ),
-    # the experiment's transposed selected forward and dq (scripts/swapab.py): wgmma, pointer or TMA loads
-    **{
-        f"selected_{name}_swapab{'_tma' if tma else ''}": (
-            kernel,
-            {**DIMS, **SPARSE, "BM": 16, "TMA": tma},
-            {name: "tensordesc<bf16[64, 1, 128]>" for name in ("k", "v") if tma},
-        )
-        for name, kernel in (
-            ("fwd", swapab.selected_fwd_t_kernel),
-            ("dq", swapab.selected_dq_t_kernel),
-        )
-        for tma in (False, True)
-    },
     **{
         f"selection_g{g}": (
             selection.select_blocks_kernel,

@@ -12,6 +12,9 @@ from sparse_problems import problem, sparse_problems
 
 import reference
 from optimized.selected import (
+    _kv_operands,
+    _meta,
+    _packed,
     _row_tiles,
     invert_blocks,
     selected_attention,
@@ -90,6 +93,31 @@ def test_selected_larger_row_tiles_compute_the_same(G: int, seqlens: tuple[int, 
         selected_attention_fwd(*args, idx, CFG, D**-0.5, cu, rows=24)
 
 
+def test_selected_tma_and_pointer_loads_agree() -> None:
+    """The dq kernel reads K/V through TMA descriptors when rows are 16-byte aligned, else through pointers: the
+    same inputs stored one element off alignment take the pointer path and give the same results."""
+    T, H, G, D = 45, 2, 3, 16
+    p = problem(T, H, G, D, D, CFG, torch.float32)
+    x = p.tensors(DEVICE)
+    idx = _random_block_idx(1, T, H, CFG.num_selected, CFG.select_block, seed=1).to(DEVICE)
+    do = torch.randn((*x.q.shape[:3], D), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def off_alignment(t: torch.Tensor) -> torch.Tensor:  # same values, data pointer 4 bytes past 16
+        return torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape).copy_(t)
+
+    results, paths = [], []
+    for k, v in ((x.k_slc, x.v_slc), (off_alignment(x.k_slc), off_alignment(x.v_slc))):
+        k2, v2 = _packed(k, v)
+        paths.append(_kv_operands(k2, v2, _meta(x.q, k, v, CFG.select_block))[2])
+        o, lse = selected_attention_fwd(x.q, k, v, idx, CFG, D**-0.5, None)
+        dq, dk, dv = selected_attention_bwd(x.q, k, v, o, lse, do, idx, CFG, D**-0.5, None)
+        results.append((o, lse, dq, dk, dv))
+    assert paths == [True, False]
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results):
+        assert not a.isnan().any(), name
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize(("G", "rows"), [(16, 16), (16, 32), (3, 16), (4, 64), (32, 16)])
 def test_row_tiles_union_is_the_blocks_of_the_tiles_positions(G: int, rows: int) -> None:
     """Each tile's union: exactly the blocks its positions selected, ascending, -1 padded (also BM = G, where a
@@ -152,8 +180,9 @@ def test_selected_rejects_bad_arguments_like_reference() -> None:
         problem(4096, 1, 16, 128, 128, NSAConfig(), torch.bfloat16, seqlens=(1000, 3000, 96)),
         problem(1024, 2, 3, 80, 48, NSAConfig(32, 16, 48, 5, 1, 2), torch.float32),
         problem(8192, 1, 16, 128, 128, NSAConfig(), torch.bfloat16),
+        problem(2048, 2, 4, 60, 36, NSAConfig(), torch.bfloat16),
     ],
-    ids=["G16-dk192-bf16", "G1-bf16", "B2-G4-fp16", "varlen-bf16", "ls48-fp32", "T8k-bf16"],
+    ids=["G16-dk192-bf16", "G1-bf16", "B2-G4-fp16", "varlen-bf16", "ls48-fp32", "T8k-bf16", "dk60-pointers-bf16"],
 )
 def test_selected_gpu_large(p: NSAProblem) -> None:
     check_against_reference("selected_attention", selected_attention, p, device="cuda")
