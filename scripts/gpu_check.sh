@@ -16,8 +16,8 @@
 # summary.txt env.txt tests.log sanitizer.log bench.log results.tar (bench.json decode.json bounds.json, plots).
 # The summary and the benchmark tables are printed last.
 #
-# Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s, per test file;
-# the files run in parallel), TEST_FILES, HYPOTHESIS_PROFILE (gpu), SANITIZE_TIMEOUT (90 s per run),
+# Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s: every test process ends by then;
+# the files run in parallel, their large-shape parts one after another), TEST_FILES, HYPOTHESIS_PROFILE (gpu), SANITIZE_TIMEOUT (90 s per run),
 # SANITIZE_MATCH (only the sanitizer runs whose command contains it, e.g. "decode"),
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
 # BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags), AB_CMD and AB_TIMEOUT (90 s per run, twice that in round 1) for the ab step
@@ -91,17 +91,27 @@ if want tests; then
     limit=$(($(remaining) - 20))
     ((limit > TEST_TIMEOUT)) && limit=$TEST_TIMEOUT
     # a file with large-shape GPU cases (test_*_gpu_large) runs as two processes, those and the rest (the
-    # property tests), so that the longest file no longer bounds the wall time alone
+    # property tests), so that the longest file no longer bounds the wall time alone. The large-shape parts run
+    # one after another: each holds float64 references of several GB, and side by side they ran an 80 GB H100
+    # out of memory (ninth session).
+    deadline=$(($(date +%s) + limit))
+    run_part() {  # run_part FILE [K]: pytest FILE (-k K) until the deadline, log and exit status to $LOGS
+        local log=$LOGS/$(basename "$1" .py)${2:+-${2// /-}}.log left=$((deadline - $(date +%s)))
+        ((left < 1)) && left=1
+        HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} NSA_AUTOTUNE=0 timeout -k 10 "$left" \
+            "$PY" -m pytest "$1" ${2:+-k "$2"} -q -p no:cacheprovider --durations=5 >"$log" 2>&1
+        echo "rc=$?" >>"$log"
+    }
+    large=()
     for f in $TEST_FILES; do
-        parts=("")
-        grep -q "gpu_large" "$f" && parts=("gpu_large" "not gpu_large")
-        for k in "${parts[@]}"; do
-            log=$LOGS/$(basename "$f" .py)${k:+-${k// /-}}.log
-            (HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} NSA_AUTOTUNE=0 timeout -k 10 "$limit" \
-                "$PY" -m pytest "$f" ${k:+-k "$k"} -q -p no:cacheprovider --durations=5 >"$log" 2>&1
-                echo "rc=$?" >>"$log") &
-        done
+        if grep -q "gpu_large" "$f"; then
+            large+=("$f")
+            run_part "$f" "not gpu_large" &
+        else
+            run_part "$f" &
+        fi
     done
+    (for f in "${large[@]}"; do run_part "$f" "gpu_large"; done) &
     wait
     for log in "$LOGS"/*.log; do
         rc=$(tail -n1 "$log" | sed 's/rc=//')
