@@ -348,9 +348,9 @@ def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select_block: int) 
 
 
 def _kv_operands(k2: torch.Tensor, v2: torch.Tensor, meta: dict[str, object]) -> tuple[object, object, bool]:
-    """K and V [TT, H, D] (packed) as the forward and dq kernels read them, and whether through TMA: tensor
-    descriptors of [BN, 1, BD] boxes where the card has TMA (sm_90 and newer; the interpreter emulates it) and
-    every row starts 16-byte aligned (D * itemsize a multiple of 16, as at D = 128), else the tensors."""
+    """K and V [TT, H, D] (packed) as the dq kernel reads them, and whether through TMA: tensor descriptors of
+    [BN, 1, BD] boxes where the card has TMA (sm_90 and newer; the interpreter emulates it) and every row starts
+    16-byte aligned (D * itemsize a multiple of 16, as at D = 128), else the tensors."""
     aligned = all(x.data_ptr() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0 for x in (k2, v2))
     tma = aligned and max(meta["BK"], meta["BV"], meta["BN"]) <= 256  # a TMA box is at most 256 per dimension
     if tma and not is_interpreting():
