@@ -13,6 +13,10 @@ Each kernel runs in its own process (``--jobs`` at a time: compiling is CPU-boun
 
     python scripts/check_configs.py                       # every kernel, problems g16 and g1 (GPU)
     python scripts/check_configs.py --kernels interval_dkv --problems g16 dk192
+    python scripts/check_configs.py --kernels selected_dq selected_dq_pointers --problems g16 dk60
+
+``selected_dq_pointers`` is the selected dq kernel with K/V through pointer loads at every head dim (what cards
+without TMA run), ``dk60`` a problem whose rows are not 16-byte aligned (pointer loads on any card).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ KERNELS: dict[str, tuple[triton.runtime.Autotuner, str]] = {
     "selection": (selection.select_blocks_kernel, "select_blocks"),
     "selected_fwd": (selected.selected_fwd_kernel, "selected_attention"),
     "selected_dq": (selected.selected_bwd_dq_kernel, "selected_attention"),
+    # the same kernel through pointer loads (as on cards without TMA) at any head dim, not only unaligned rows
+    "selected_dq_pointers": (selected.selected_bwd_dq_kernel, "selected_attention"),
     "selected_dkv": (selected.selected_bwd_dkv_kernel, "selected_attention"),
     "mean_pool_fwd": (compression.mean_pool_fwd_kernel, "mean_pool"),
     "mean_pool_bwd": (compression.mean_pool_bwd_kernel, "mean_pool"),
@@ -132,25 +138,31 @@ def check_kernel(name: str, problem_names: list[str], device: str) -> int:
     """Every config of kernel ``name`` on every problem; prints one line each; returns the number of failures."""
     kernel, fn_name = KERNELS[name]
     saved, failures = kernel.configs, 0
+    kv_operands = selected._kv_operands
+    if name.endswith("_pointers"):  # K/V as tensors, never descriptors (restored below)
+        selected._kv_operands = lambda k2, v2, meta: (k2, v2, False)
     all_problems = problems(device)
-    for pname in problem_names:
-        if pname not in all_problems:
-            continue
-        p = all_problems[pname]
-        check = check_function(fn_name, p, device)
-        for config in configs_for(kernel, p.dtype):
-            kernel.configs = [config]
-            t0 = time.time()
-            try:
-                check()
-                status = "ok"
-            except triton.runtime.errors.OutOfResources as e:
-                status = f"skipped ({str(e).splitlines()[0][:80]})"
-            except AssertionError as e:
-                status, failures = f"FAILED: {str(e).splitlines()[0][:160]}", failures + 1
-            finally:
-                kernel.configs = saved
-            print(f"{name:18s} {pname:6s} {config!s:70s} {time.time() - t0:5.1f}s {status}", flush=True)
+    try:
+        for pname in problem_names:
+            if pname not in all_problems:
+                continue
+            p = all_problems[pname]
+            check = check_function(fn_name, p, device)
+            for config in configs_for(kernel, p.dtype):
+                kernel.configs = [config]
+                t0 = time.time()
+                try:
+                    check()
+                    status = "ok"
+                except triton.runtime.errors.OutOfResources as e:
+                    status = f"skipped ({str(e).splitlines()[0][:80]})"
+                except AssertionError as e:
+                    status, failures = f"FAILED: {str(e).splitlines()[0][:160]}", failures + 1
+                finally:
+                    kernel.configs = saved
+                print(f"{name:20s} {pname:6s} {config!s:70s} {time.time() - t0:5.1f}s {status}", flush=True)
+    finally:
+        selected._kv_operands = kv_operands
     return failures
 
 

@@ -44,6 +44,9 @@ def test_check_configs_passes_and_catches(monkeypatch: pytest.MonkeyPatch, capsy
     check_configs = load_script("check_configs")
     device = str(DEVICE)
     assert check_configs.check_kernel("interval_dkv", ["g16"], device) == 0
+    kv_operands = check_configs.selected._kv_operands
+    assert check_configs.check_kernel("selected_dq_pointers", ["g16"], device) == 0  # rows aligned: TMA otherwise
+    assert check_configs.selected._kv_operands is kv_operands
     assert check_configs.check_kernel("mean_pool_fwd", ["g16"], device) == 0
     real = optimized.mean_pool
     monkeypatch.setattr(optimized, "mean_pool", lambda x, config: real(x, config) * 1.01)
