@@ -17,7 +17,8 @@
 # The summary and the benchmark tables are printed last.
 #
 # Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s: every test process ends by then;
-# the files run in parallel, their large-shape parts one after another), TEST_FILES, HYPOTHESIS_PROFILE (gpu), SANITIZE_TIMEOUT (90 s per run),
+# the files run in parallel, their large-shape parts one after another on a card under 100 GB), TEST_FILES,
+# HYPOTHESIS_PROFILE (gpu), SANITIZE_TIMEOUT (90 s per run),
 # SANITIZE_MATCH (only the sanitizer runs whose command contains it, e.g. "decode"),
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
 # BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags), AB_CMD and AB_TIMEOUT (90 s per run, twice that in round 1) for the ab step
@@ -91,9 +92,9 @@ if want tests; then
     limit=$(($(remaining) - 20))
     ((limit > TEST_TIMEOUT)) && limit=$TEST_TIMEOUT
     # a file with large-shape GPU cases (test_*_gpu_large) runs as two processes, those and the rest (the
-    # property tests), so that the longest file no longer bounds the wall time alone. The large-shape parts run
-    # one after another: each holds float64 references of several GB, and side by side they ran an 80 GB H100
-    # out of memory (ninth session).
+    # property tests), so that the longest file no longer bounds the wall time alone. On a card under 100 GB the
+    # large-shape parts run one after another: each holds float64 references of up to 45 GB, and side by side
+    # they ran an 80 GB H100 out of memory (ninth session); there, split TEST_FILES over calls.
     deadline=$(($(date +%s) + limit))
     run_part() {  # run_part FILE [K]: pytest FILE (-k K) until the deadline, log and exit status to $LOGS
         local log=$LOGS/$(basename "$1" .py)${2:+-${2// /-}}.log left=$((deadline - $(date +%s)))
@@ -111,7 +112,12 @@ if want tests; then
             run_part "$f" &
         fi
     done
-    (for f in "${large[@]}"; do run_part "$f" "gpu_large"; done) &
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n1)
+    if ((${mib:-0} >= 100000)); then
+        for f in "${large[@]}"; do run_part "$f" "gpu_large" & done
+    else
+        (for f in "${large[@]}"; do run_part "$f" "gpu_large"; done) &
+    fi
     wait
     for log in "$LOGS"/*.log; do
         rc=$(tail -n1 "$log" | sed 's/rc=//')
