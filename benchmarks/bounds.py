@@ -16,6 +16,12 @@ the three rates that bound each part on the card at hand, and the floor they giv
 Floor of the forward = gather (selected) + FLOPs / mma for compressed, selection (q.k recompute) and window.
 It assumes perfect overlap inside a part and none between parts (they are separate passes).
 
+* ``chain``: the latency of dependent launches, what bounds a decode step at batch 1 (``optimized.decode``
+  runs its passes as dependent kernels, each reading what the one before wrote). ``link_kernel`` does one
+  load and one store per program; a step of ``links`` such launches (``CHAIN_PROGRAMS`` programs each, the
+  batch-1 grid of the compressed pass) is timed as CUDA-graph replays, with and without programmatic
+  dependent launch. The slope over ``links`` is the cost of one more dependent launch.
+
     python -m benchmarks.bounds --lengths 16384 65536 --out benchmarks/results
 """
 
@@ -28,10 +34,14 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from benchmarks.flops import branch_flops
 from benchmarks.run import CONFIGS, environment, write_json
-from benchmarks.timing import time_calls
+from benchmarks.timing import time_calls, time_graph
+
+CHAIN_LINKS = (1, 2, 3, 4, 6)  # dependent launches per timed step
+CHAIN_PROGRAMS = 256  # programs per launch: the decode compressed pass's grid at batch 1 (4 kv heads x 64 splits)
 
 
 @triton.jit
@@ -48,6 +58,48 @@ def gather_kernel(k, v, block_idx, out, T, H: tl.constexpr, N: tl.constexpr, LS:
         b_acc += tl.load(k + o_kv, mask=m_s[:, None], other=0.0).to(tl.float32)
         b_acc += tl.load(v + o_kv, mask=m_s[:, None], other=0.0).to(tl.float32)
     tl.store(out + i_t * H + i_h, tl.sum(b_acc))
+
+
+@triton.jit
+def link_kernel(x, y, PDL: tl.constexpr):
+    """One link of a chain of dependent launches: y[i] = x[i] + 1, one element per program (grid: N)."""
+    if PDL:  # launched early: wait for the previous link, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
+    i = tl.program_id(0)
+    tl.store(y + i, tl.load(x + i) + 1.0)
+
+
+def launch_chain(
+    device: torch.device, links: int, programs: int = CHAIN_PROGRAMS, pdl: bool = False
+) -> tuple[float, torch.Tensor]:
+    """Time of one step of ``links`` dependent launches of ``link_kernel`` (µs, CUDA-graph replays).
+
+    Returns the step's median time and the last link's output [programs]: ``links`` times the steps run.
+    """
+    bufs = torch.zeros(links + 1, programs, device=device)
+
+    def step() -> None:
+        bufs[0].copy_(bufs[-1])  # the next step depends on this one, as decode steps do
+        for i in range(links):
+            extra = {"launch_pdl": True} if pdl else {}
+            link_kernel[(programs,)](bufs[i], bufs[i + 1], PDL=pdl, **extra)
+
+    timing, _ = time_graph([step], device, budget_ms=100)
+    return 1e3 * timing.median_ms, bufs[-1]
+
+
+def chain(device: torch.device) -> dict[str, Any]:
+    """``launch_chain`` for each of ``CHAIN_LINKS``, without and with PDL, and the per-link slope (µs)."""
+    from optimized._common import is_interpreting
+
+    out: dict[str, Any] = {"programs": CHAIN_PROGRAMS, "links": list(CHAIN_LINKS)}
+    modes = (("us", False),) if is_interpreting() else (("us", False), ("us_pdl", True))  # no PDL in the interpreter
+    for name, pdl in modes:
+        us = [launch_chain(device, n, pdl=pdl)[0] for n in CHAIN_LINKS]
+        out[name] = us
+        out[f"{name}_per_link"] = (us[-1] - us[0]) / (CHAIN_LINKS[-1] - CHAIN_LINKS[0])
+    return out
 
 
 def selected_bytes(block_idx: torch.Tensor, seq_len: int, block: int, bytes_per_token: int) -> int:
@@ -116,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    data: dict[str, Any] = {"environment": environment(device), **rates(device), "records": []}
+    data: dict[str, Any] = {"environment": environment(device), **rates(device), "chain": chain(device), "records": []}
     for name in args.configs:
         for seq_len in args.lengths:
             record = measure(seq_len, name, device)
@@ -127,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / "bounds.json", data)
     env = data["environment"]
     print(f"card: {env['card']}  mma {data['mma_tflops']:.0f} TFLOP/s  copy {data['copy_tbps']:.2f} TB/s")
+    c = data["chain"]
+    for name, label in (("us", "launches"), ("us_pdl", "launches, PDL")):
+        if name not in c:
+            continue
+        steps = " ".join(f"{n}:{us:.1f}" for n, us in zip(c["links"], c[name], strict=True))
+        print(f"dependent {label} (links:us per step) {steps}; {c[f'{name}_per_link']:.2f} us per link")
     print(f"{'config':12s} {'T':>6s} {'gather GB':>9s} {'TB/s':>5s}  floor ms:", *FLOOR_PARTS)
     for r in data["records"]:
         floor = " ".join(f"{r['floor_ms'][part]:{len(part)}.2f}" for part in FLOOR_PARTS)

@@ -273,6 +273,21 @@ def test_bounds_gather_reads_the_selected_tokens() -> None:
     assert set(bounds.floors(r, 100.0)) == {"compressed", "selection", "window", "selected", "core"}
 
 
+def test_bounds_launch_chain_runs_each_link_once_per_step() -> None:
+    """The chain's links depend on each other: after the timed steps every element counts links * steps."""
+    from benchmarks import bounds
+
+    links = 3
+    us, last = bounds.launch_chain(torch.device(DEVICE), links, programs=5)
+    steps = int(last[0].item()) // links
+    assert us > 0 and last.shape == (5,)
+    assert steps >= 2 and torch.equal(last, torch.full_like(last, links * steps))
+    r = bounds.chain(torch.device(DEVICE))
+    assert len(r["us"]) == len(r["links"]) and r["us_per_link"] == r["us_per_link"]  # not NaN
+    if DEVICE == "cuda":
+        assert len(r["us_pdl"]) == len(r["links"]) and r["us_per_link"] > 0
+
+
 def test_autotune_choices_name_each_tuned_kernel() -> None:
     """What the autotuner picked, per kernel and key, as the benchmark JSON records it."""
     from optimized import selection
