@@ -171,18 +171,23 @@ def selected_fwd_kernel(
 @triton.jit
 def _kv_block(k, v, s0, i_h, m_n, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
-    """K and V of the block whose first key is packed token s0, keys as rows: b_k [BN, BK], b_v [BN, BV]. With TMA
-    (k, v are tensor descriptors) one bulk copy each: keys past the tensor come back as zeros, keys past the block
-    as they are (finite data: the callers mask their scores, so they weigh 0); else pointer loads masked by m_n."""
+    """K, K^T and V of the block whose first key is packed token s0: b_k [BN, BK], b_kt [BK, BN], b_v [BN, BV]. With TMA
+    (k, v are tensor descriptors) one bulk copy each, K^T a view of K: keys past the tensor come back as zeros, keys
+    past the block as they are (finite data: the callers mask their scores, so they weigh 0); else pointer loads
+    masked by m_n, K^T loaded a second time (from the L1/L2) rather than transposed: on an H100 (Triton 3.6.0)
+    ``tl.trans`` of the loaded K as a wgmma operand read shared memory out of bounds at D = 128 (tenth session)."""
     if TMA:
         b_k = k.load([s0, i_h, 0]).reshape(BN, BK)
         b_v = v.load([s0, i_h, 0]).reshape(BN, BV)
+        b_kt = tl.trans(b_k)
     else:
         o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
         o_key = (s0 + tl.arange(0, BN)).to(tl.int64) * H + i_h  # [BN] index into [TT, H]
-        b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & (o_k < DK)[None, :], other=0.0)
+        m_k = m_n[:, None] & (o_k < DK)[None, :]  # [BN, BK]
+        b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_k, other=0.0)
+        b_kt = tl.load(k + o_key[None, :] * DK + o_k[:, None], mask=tl.trans(m_k), other=0.0)
         b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & (o_v < DV)[None, :], other=0.0)
-    return b_k, b_v
+    return b_k, b_kt, b_v
 
 
 @triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2, 3)), key=[*_ROWS_TUNE_KEY, "TMA"])
@@ -241,13 +246,13 @@ def selected_bwd_dq_kernel(
         s0 = bos + i_blk * LS
         o_s = s0 + o_n  # [BN]
         m_n = (o_n < LS) & (o_s <= t_last)
-        b_k, b_v = _kv_block(k, v, s0, i_h, m_n, H, DK, DV, BN, BK, BV, TMA)  # [BN, BK], [BN, BV]
+        b_k, b_kt, b_v = _kv_block(k, v, s0, i_h, m_n, H, DK, DV, BN, BK, BV, TMA)  # [BN, BK], [BK, BN], [BN, BV]
         m_st = m_row[None, :] & m_n[:, None] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
         b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
         b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)  # P^T
         b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION)  # [BN, BM] dP^T = V dO^T
         b_dst = b_pt * (b_dpt - b_delta[None, :])  # dS^T
-        b_dqt += tl.dot(tl.trans(b_k), b_dst.to(b_k.dtype), input_precision=DOT_PRECISION)  # [BK, BM]
+        b_dqt += tl.dot(b_kt, b_dst.to(b_k.dtype), input_precision=DOT_PRECISION)  # [BK, BM]
     m_rk = m_r[:, None] & m_dk[None, :]
     store_dq(dq, dq_prev, o_row[:, None] * DK + o_k[None, :], tl.trans(b_dqt), m_rk, scale, HAS_DQ_PREV)
 
