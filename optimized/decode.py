@@ -56,9 +56,11 @@ One step is four kernels:
 
 The selection cannot fold into the combine (the sparse pass needs its block indices first), so four
 launches is the minimum for this dependency chain without inter-program synchronisation or redundant work
-(docs/decoding.md lists the options; the performance log, a written three-launch candidate). At batch 1 the
-launches and the serial select program dominate: on an H200 at 64k the four kernels take 5.8, 4.6, 3.4
-and 4.1 us (batch 32: 98.9, 6.6, 30.5 and 9.0 us).
+(docs/decoding.md lists the options). Measured and rejected on an H100 (tenth session, one call): the select
+folded into every selected split of the sparse pass (three launches: 18.3-18.6 against 18.3-18.4 us at batch 1
+and 64k, 164.3 against 162.5 us at batch 32) and programmatic dependent launch (18.6 against 18.3 us; 163 against
+162.5). At batch 1 the step is latency: on an H200 at 64k the four kernels take 5.8, 4.6, 3.4 and 4.1 us
+(batch 32: 98.9, 6.6, 30.5 and 9.0 us).
 """
 
 from __future__ import annotations
@@ -68,7 +70,6 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from reference._checks import check_config, check_scale, check_tensor
 from reference.config import NSAConfig
@@ -79,7 +80,6 @@ from ._common import (
     attn_fwd_update,
     check_kernel_dtype,
     dot_precision,
-    is_interpreting,
     next_power_of_2,
     overlap_strides,
 )
@@ -98,9 +98,6 @@ LAUNCH: dict = {
     "sparse": {"num_warps": 4, "num_stages": 3},
     "combine": {"num_warps": 4, "num_stages": 1},
 }
-# Programmatic dependent launch (an experiment, off: scripts/decode_launch.py --pdl times it): kernels 2-4 are
-# launched while their predecessor runs and wait for it in ``griddepcontrol.wait``, hiding the launch latency.
-PDL = False
 
 
 @triton.jit
@@ -132,7 +129,6 @@ def decode_compressed_kernel(
     BJ: tl.constexpr,
     BH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """Split c of the compressed pass for sequence b, kv head h: tiles [c * TPS, (c + 1) * TPS).
 
@@ -142,8 +138,6 @@ def decode_compressed_kernel(
     units) and cmp_acc [B, HQ, NC, BV], and per tile sel [B, HQ, NT * BJ] (the tile's blocks' overlap sums of
     2^(s - r), Eq. 8-9) and sel_ref [B, HQ, NT] (r, the tile's max score, log2 units; 0 if it has none).
     """
-    if PDL:  # the select kernel may launch now; it waits for this grid to finish
-        gdc_launch_dependents()
     i_b, i_h, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     HQ: tl.constexpr = H * G
     R: tl.constexpr = LS // D  # compressed keys per selection block (strides)
@@ -217,7 +211,6 @@ def decode_select_kernel(
     BJ: tl.constexpr,
     NSP: tl.constexpr,
     BSEL: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """Selection scores (Eq. 8-10) and top-n (Eq. 11) of the newest token of sequence b, kv head h.
 
@@ -225,9 +218,6 @@ def decode_select_kernel(
     (NT * BJ <= NSP); writes block_idx [B, H, N_SEL] int32 (ascending, -1 padded). The score row [NSP] never
     leaves registers; the heads are summed BGC at a time (BG at once unless NSP is large).
     """
-    if PDL:  # launched early: wait for the compressed pass, then let the sparse pass launch
-        gdc_wait()
-        gdc_launch_dependents()
     i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     HQ: tl.constexpr = H * G
     NT2: tl.constexpr = NSP // BJ  # tiles of the padded row
@@ -313,7 +303,6 @@ def decode_sparse_kernel(
     BV: tl.constexpr,
     BN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """One split of the selected or window branch: a partial (max, sum, acc) of the group's G heads.
 
@@ -321,9 +310,6 @@ def decode_sparse_kernel(
     window's keys t - w + 1 + (p - NSS) * SB * BN ... + SB * BN (ring index s mod WR). Writes
     part_m / part_l [B, HQ, NSPLIT] and part_acc [B, HQ, NSPLIT, BV], fp32.
     """
-    if PDL:  # launched early: wait for the select kernel's block_idx, then let the combine launch
-        gdc_wait()
-        gdc_launch_dependents()
     i_b, i_h, i_p = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     HQ: tl.constexpr = H * G
     t = tl.load(lengths + i_b) - 1
@@ -415,11 +401,8 @@ def decode_combine_kernel(
     BPS: tl.constexpr,
     BPW: tl.constexpr,
     BV: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """o [B, HQ, DV] = g_cmp o_cmp + g_slc o_slc + g_win o_win (Eq. 5) for query head (b, hq); gates [B, HQ, 3]."""
-    if PDL:  # launched early: wait for the sparse pass (which waited for the select, which waited for the rest)
-        gdc_wait()
     i_b, i_q = tl.program_id(0).to(tl.int64), tl.program_id(1)
     row = i_b * HQ + i_q
     o_v = tl.arange(0, BV)
@@ -645,28 +628,26 @@ def decode_attention(
     block_idx = torch.empty(B, H, n, dtype=torch.int32, device=q.device)
     o = torch.empty(B, 1, HQ, DV, dtype=q.dtype, device=q.device)
     precision = dot_precision(q.dtype)
-    pdl = PDL and not is_interpreting()  # the interpreter runs grids one by one and has no griddepcontrol
-    dependent = {"launch_pdl": True} if pdl else {}  # kernels 2-4 under programmatic dependent launch
     decode_compressed_kernel[(B, H, NC)](
         q, cache.k_cmp, cache.v_cmp, cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["sel"],
         ws["sel_ref"], scale, cache.k_cmp.shape[1], NT, cache.split_tiles, H=H, G=G, DK=DK, DV=DV, L=L, D=D, LS=LS,
-        NC=NC, BG=BG, BK=BK, BV=BV, BJ=BJ, BH=BH, DOT_PRECISION=precision, PDL=pdl, **LAUNCH["compressed"],
+        NC=NC, BG=BG, BK=BK, BV=BV, BJ=BJ, BH=BH, DOT_PRECISION=precision, **LAUNCH["compressed"],
     )  # fmt: skip
     decode_select_kernel[(B, H)](
         cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], block_idx, NT, H=H, G=G, LS=LS,
         N_SEL=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, NC=NC, BG=BG,
-        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=BJ, NSP=NSP, BSEL=BSEL, PDL=pdl,
-        **LAUNCH["select"], **dependent,
+        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=BJ, NSP=NSP, BSEL=BSEL,
+        **LAUNCH["select"],
     )  # fmt: skip
     decode_sparse_kernel[(B, H, NSPLIT)](
         q, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, cache.lengths, block_idx, ws["part_m"],
         ws["part_l"], ws["part_acc"], scale, cache.max_len, cache.window_len, H=H, G=G, DK=DK, DV=DV, LS=LS,
         W=config.window, N_SEL=n, SB=SB, NSS=NSS, NSPLIT=NSPLIT, BG=BG, BK=BK, BV=BV, BN=BN,
-        DOT_PRECISION=precision, PDL=pdl, **LAUNCH["sparse"], **dependent,
+        DOT_PRECISION=precision, **LAUNCH["sparse"],
     )  # fmt: skip
     decode_combine_kernel[(B, HQ)](
         ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["part_m"], ws["part_l"], ws["part_acc"], gates, o, HQ=HQ,
         DV=DV, NC=NC, NSS=NSS, NSPLIT=NSPLIT, BPC=_pow2_at_most(NC, 32), BPS=_pow2_at_most(NSS, 32),
-        BPW=_pow2_at_most(NSPLIT - NSS, 32), BV=BV, PDL=pdl, **LAUNCH["combine"], **dependent,
+        BPW=_pow2_at_most(NSPLIT - NSS, 32), BV=BV, **LAUNCH["combine"],
     )  # fmt: skip
     return (o, block_idx) if return_block_idx else o

@@ -2,8 +2,7 @@
 
 Knobs: ``num_warps`` and ``num_stages`` of each of the four kernels (``optimized.decode.LAUNCH``), the
 cache's sizes (``split_tiles`` and ``tile_blocks`` of the compressed pass, ``split_blocks`` of the sparse pass)
-``--transposed`` (the compressed pass from ``scripts/swapab.py``, its products transposed for wgmma) and
-``--pdl`` (``optimized.decode.PDL``: kernels 2-4 launched while their predecessor runs). Every
+and ``--transposed`` (the compressed pass from ``scripts/swapab.py``, its products transposed for wgmma). Every
 variant is checked against the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per
 variant; writes ``decode_launch.json`` to ``--out``.
 
@@ -32,7 +31,7 @@ Variant = tuple[str, dict[str, dict[str, int]], dict[str, int], dict[str, Any]]
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
-    """(label, LAUNCH overrides, cache splits, attributes of optimized.decode replaced: kernels, ``PDL``): the
+    """(label, LAUNCH overrides, cache splits, kernels of optimized.decode replaced): the
     defaults, then each knob value on its own."""
     out: list[Variant] = [("default", {}, {}, {})]
     for option, specs in (("num_warps", args.warps), ("num_stages", args.stages)):
@@ -49,8 +48,6 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         from scripts import swapab
 
         out += [("compressed transposed", {}, {}, {"decode_compressed_kernel": swapab.decode_compressed_t_kernel})]
-    if args.pdl:
-        out += [("pdl", {}, {}, {"PDL": True})]
     return out
 
 
@@ -65,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-blocks", type=int, nargs="*", default=[])
     p.add_argument("--tile-blocks", type=int, nargs="*", default=[], help="selection blocks per compressed tile")
     p.add_argument("--transposed", action="store_true", help="the compressed pass transposed (scripts/swapab.py)")
-    p.add_argument("--pdl", action="store_true", help="kernels 2-4 under programmatic dependent launch")
     p.add_argument("--budget-ms", type=float, default=100.0)
     p.add_argument("--min-reps", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("/tmp"))

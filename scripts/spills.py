@@ -79,23 +79,18 @@ KERNELS = {
         )
         for g in (16, 4, 1)
     },
-    # the decode step's select kernel at 64k (1024 candidate blocks), one program per sequence and kv head; with
-    # programmatic dependent launch (decode.PDL) it waits for the compressed pass in griddepcontrol.wait (ACQBULK)
-    **{
-        f"decode_select{'_pdl' if pdl else ''}": (
-            decode.decode_select_kernel,
-            dict(H=4, G=16, LS=64, N_SEL=16, N_INIT=1, N_LOCAL=2, NC=64, BG=16, BGC=16, BP=64, BJ=16, NSP=1024)
-            | {"BSEL": 16, "PDL": pdl},
-            {name: "*fp32" for name in ("cmp_m", "cmp_l", "sel", "sel_ref")},
-            decode.LAUNCH["select"],
-        )
-        for pdl in (False, True)
-    },
+    # the decode step's select kernel at 64k (1024 candidate blocks), one program per sequence and kv head
+    "decode_select": (
+        decode.decode_select_kernel,
+        dict(H=4, G=16, LS=64, N_SEL=16, N_INIT=1, N_LOCAL=2, NC=64, BG=16, BGC=16, BP=64, BJ=16, NSP=1024, BSEL=16),
+        {name: "*fp32" for name in ("cmp_m", "cmp_l", "sel", "sel_ref")},
+        decode.LAUNCH["select"],
+    ),
     # the decode step's compressed pass (its time at batch 32: docs/performance.md)
     **{
         f"decode_compressed{'' if bj == 16 else f'_tiles{bj}'}": (
             decode.decode_compressed_kernel,
-            {**DIMS, "L": 32, "D": 16, "LS": 64, "NC": 3, "BG": 16, "BJ": bj, "BH": 16, "PDL": False},
+            {**DIMS, "L": 32, "D": 16, "LS": 64, "NC": 3, "BG": 16, "BJ": bj, "BH": 16},
             {name: "*fp32" for name in ("cmp_m", "cmp_l", "cmp_acc", "sel", "sel_ref")} | {"v_cmp": "*bf16"},
             decode.LAUNCH["compressed"],
         )
@@ -104,7 +99,7 @@ KERNELS = {
     # the same pass transposed for wgmma (scripts/swapab.py, decode_launch.py --transposed)
     "decode_compressed_swapab": (
         swapab.decode_compressed_t_kernel,
-        {**DIMS, "L": 32, "D": 16, "LS": 64, "NC": 3, "BG": 16, "BJ": 16, "BH": 16, "PDL": False},
+        {**DIMS, "L": 32, "D": 16, "LS": 64, "NC": 3, "BG": 16, "BJ": 16, "BH": 16},
         {name: "*fp32" for name in ("cmp_m", "cmp_l", "cmp_acc", "sel", "sel_ref")} | {"v_cmp": "*bf16"},
         decode.LAUNCH["compressed"],
     ),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
 
 from optimized._common import LOG2E, overlap_strides
 
@@ -64,14 +63,11 @@ def decode_compressed_t_kernel(
     BJ: tl.constexpr,
     BH: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """``optimized.decode.decode_compressed_kernel`` (same arguments, same outputs) with its products transposed:
     ``S^T = K Q^T`` [BC, BG] and ``O^T += V^T P^T`` [BV, BG] (M = 64 keys and 128 dims: wgmma for the G = 16
     query heads), the overlap sums ``u^T = W^T 2^(S^T - r)`` [BJ, BG]. ``scripts/decode_launch.py --transposed``
     swaps it into the decode step."""
-    if PDL:
-        gdc_launch_dependents()
     i_b, i_h, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     HQ: tl.constexpr = H * G
     R: tl.constexpr = LS // D

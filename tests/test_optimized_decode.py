@@ -132,13 +132,6 @@ def test_decode_select_sums_heads_in_groups(monkeypatch):
     _check_decode([90, 200], 2, 3, (16, 16), reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), (None, None, 16), 2)
 
 
-def test_decode_under_pdl_equals_the_parallel_forward(monkeypatch):
-    """decode.PDL (programmatic dependent launch: kernels 2-4 start early and wait for their predecessor) changes
-    no result; on the GPU this checks the waits, in the interpreter (no griddepcontrol there) that it runs."""
-    monkeypatch.setattr(decode, "PDL", True)
-    _check_decode([90, 200], 2, 3, (16, 16), reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), (1, 1, 16), 2)
-
-
 def _check_decode(prompts, steps, G, dims, config, splits, seed):
     H, (DK, DV), dtype = 2, dims, torch.float32
     lengths = [p + steps for p in prompts]
@@ -222,11 +215,8 @@ def test_decode_gpu_large(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", [False, True])
-def test_decode_step_captures_in_cuda_graph(pdl, monkeypatch):
-    """A step (append + attention) has no host synchronisation: it captures and replays in a CUDA graph (also
-    with programmatic dependent launch, whose early launches become graph edges)."""
-    monkeypatch.setattr(decode, "PDL", pdl)
+def test_decode_step_captures_in_cuda_graph():
+    """A step (append + attention) has no host synchronisation: it captures and replays in a CUDA graph."""
     config = reference.NSAConfig()
     B, H, G, D, prompt = 4, 2, 8, 64, 700
     x = _problem([prompt + 3] * B, H, G, D, D, torch.bfloat16, seed=3)

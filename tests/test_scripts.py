@@ -92,18 +92,6 @@ def test_selected_dq_compiles_to_wgmma_and_tma() -> None:
     assert found and all(hmma == "0" and int(hgmma) > 0 and int(tma) > 0 for hmma, hgmma, tma in found)
 
 
-def test_decode_select_under_pdl_waits_for_its_predecessor(tmp_path: Path) -> None:
-    """decode.PDL compiles the select kernel with griddepcontrol: wait (ACQBULK) and launch_dependents (PREEXIT)."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    run = [sys.executable, str(SCRIPTS / "spills.py"), "decode_select", "decode_select_pdl"]
-    run += ["--sass-dir", str(tmp_path)]
-    done = subprocess.run(run, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    sass = {path.name.split("_w")[0]: path.read_text() for path in tmp_path.glob("*.sass")}
-    assert all(op in sass["decode_select_pdl"] for op in ("ACQBULK", "PREEXIT"))
-    assert not any(op in sass["decode_select"] for op in ("ACQBULK", "PREEXIT"))
-
-
 def test_decode_launch_variants() -> None:
     """decode_launch.py turns its knobs into one variant each: launch options per kernel, then cache splits."""
     decode_launch = load_script("decode_launch")
@@ -114,9 +102,8 @@ def test_decode_launch_variants() -> None:
         split_blocks=[],
         tile_blocks=[32],
         transposed=True,
-        pdl=True,
     )
-    *knobs, (label, launch, splits, replaced), pdl = decode_launch.variants(args)
+    *knobs, (label, launch, splits, replaced) = decode_launch.variants(args)
     assert knobs == [
         ("default", {}, {}, {}),
         ("select num_warps=4", {"select": {"num_warps": 4}}, {}, {}),
@@ -129,7 +116,6 @@ def test_decode_launch_variants() -> None:
     assert [(name, kernel.fn.__name__) for name, kernel in replaced.items()] == [
         ("decode_compressed_kernel", "decode_compressed_t_kernel")
     ]
-    assert pdl == ("pdl", {}, {}, {"PDL": True})
     args.stages = ["no_such_kernel=3"]
     with pytest.raises(SystemExit, match="--stages: kernel must be one of"):
         decode_launch.variants(args)
