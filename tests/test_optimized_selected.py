@@ -124,8 +124,8 @@ def test_selected_tma_and_pointer_loads_agree() -> None:
 
 @pytest.mark.gpu
 def test_selected_gpu_tma_and_pointer_loads_agree_at_d128() -> None:
-    """The pointer path at the benchmark's D = 128 (what cards without TMA run): on the GPU it had only run with odd
-    head dims, and the transposed forward's pointer variant once hit an illegal address there (performance log)."""
+    """The pointer path at the benchmark's D = 128 (what cards without TMA run, and an H100 for misaligned rows): on
+    an H100 its dq once read shared memory out of bounds here (``tl.trans`` of the loaded K; performance log)."""
     _tma_and_pointer_loads_agree(3000, 2, 16, 128, NSAConfig(), torch.bfloat16)
 
 
