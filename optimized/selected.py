@@ -25,10 +25,12 @@ of two and ``l'`` to a power of two >= 16 (one key tile per block; ``l' <= 128``
 transposed: with 16 rows, ``S = Q K^T`` has M = 16, below the M = 64 of Hopper's wgmma, and Triton falls back to
 ``mma.sync``; the dq kernel computes ``S^T = K Q^T``, ``dP^T = V dO^T`` and ``dQ^T += K^T dS^T`` instead (M = the
 block's keys, then the head dims), so wgmma reads K and V from shared memory, and loads each block's K and V by TMA
-(``_kv_operands``: host tensor descriptors) where the rows are 16-byte aligned and the card has it, else by masked
-pointer loads. On an H100 the selected backward took 4.90 -> 4.26 ms at 8k and 40.2 -> 34.8 ms at 64k (``G = 16``)
-against the earlier dq (``mma.sync``-free only at 64 rows per program). The forward transposed the same way was 4-7%
-slower (2.14 -> 2.25 ms at 8k, 18.3 -> 19.6 at 64k): it keeps ``mma.sync``. dK/dV are *inverted*: for each kv head
+(``_kv_operands``: host tensor descriptors) where the rows are 16-byte aligned and the card has it. Elsewhere the
+dq loads K/V by pointers and keeps the untransposed products (``mma.sync``): with pointer-loaded operands the
+transposed kernel failed on an H100 at D = 128 (Triton 3.6.0). On an H100 the selected backward took 4.90 -> 4.26
+ms at 8k and 40.2 -> 34.8 ms at 64k (``G = 16``) against the earlier dq (``mma.sync``-free only at 64 rows per
+program). The forward transposed the same way was 4-7% slower (2.14 -> 2.25 ms at 8k, 18.3 -> 19.6 at 64k): it
+keeps ``mma.sync``. dK/dV are *inverted*: for each kv head
 and block, the list of query positions that selected it, built with one stable sort of the ``T H n`` (key = head,
 global block) pairs in PyTorch (no host sync). Long lists (the initial and local blocks are chosen by every query)
 are cut into chunks of ``CH`` positions so no program serialises a whole sequence; each chunk program keeps its
@@ -52,6 +54,7 @@ from ._common import (
     LOG2E,
     attn_bwd_delta,
     attn_bwd_dkv_step,
+    attn_bwd_dq_step,
     attn_fwd_finish,
     attn_fwd_step,
     autotune_configs,
@@ -168,28 +171,6 @@ def selected_fwd_kernel(
     tl.store(lse + o_row, b_lse, mask=m_r)
 
 
-@triton.jit
-def _kv_block(k, v, s0, i_h, m_n, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
-    """K, K^T and V of the block whose first key is packed token s0: b_k [BN, BK], b_kt [BK, BN], b_v [BN, BV]. With TMA
-    (k, v are tensor descriptors) one bulk copy each, K^T a view of K: keys past the tensor come back as zeros, keys
-    past the block as they are (finite data: the callers mask their scores, so they weigh 0); else pointer loads
-    masked by m_n, K^T loaded a second time (from the L1/L2) rather than transposed: on an H100 (Triton 3.6.0)
-    ``tl.trans`` of the loaded K as a wgmma operand read shared memory out of bounds at D = 128 (tenth session)."""
-    if TMA:
-        b_k = k.load([s0, i_h, 0]).reshape(BN, BK)
-        b_v = v.load([s0, i_h, 0]).reshape(BN, BV)
-        b_kt = tl.trans(b_k)
-    else:
-        o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
-        o_key = (s0 + tl.arange(0, BN)).to(tl.int64) * H + i_h  # [BN] index into [TT, H]
-        m_k = m_n[:, None] & (o_k < DK)[None, :]  # [BN, BK]
-        b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_k, other=0.0)
-        b_kt = tl.load(k + o_key[None, :] * DK + o_k[:, None], mask=tl.trans(m_k), other=0.0)
-        b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & (o_v < DV)[None, :], other=0.0)
-    return b_k, b_kt, b_v
-
-
 @triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2, 3)), key=[*_ROWS_TUNE_KEY, "TMA"])
 @triton.jit
 def selected_bwd_dq_kernel(
@@ -225,36 +206,69 @@ def selected_bwd_dq_kernel(
     HAS_DQ_PREV: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """dq of one tile of BM rows (the forward's grid and union loop), transposed for wgmma: ``P^T = exp2(K Q^T - lse)``,
-    ``dP^T = V dO^T``, ``dS^T = P^T (dP^T - delta)``, ``dQ^T += K^T dS^T`` (M = BN keys, then BK dims)."""
+    """dq of one tile of BM rows (the forward's grid and union loop). With TMA transposed for wgmma: ``P^T = exp2(K
+    Q^T - lse)``, ``dP^T = V dO^T``, ``dS^T = P^T (dP^T - delta)``, ``dQ^T += K^T dS^T`` (M = BN keys, then BK dims),
+    each block's K and V one bulk copy (keys past the tensor come back as zeros, keys past the block as they are:
+    their scores are masked, so they weigh 0). Else pointer loads and the untransposed step of every other dq kernel
+    (``attn_bwd_dq_step``, ``mma.sync`` at 16 rows): the transposed products with pointer-loaded K/V read shared memory
+    out of bounds or gave NaN on an H100 at D = 128 (Triton 3.6.0, every warp and stage count; tenth session)."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     bos, o_t, o_row, m_r, b_idx = _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G, N, BM, NP)
     t_last = tl.max(tl.where(m_r, o_t, 0), axis=0)  # the tile's last position
     o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
     m_dk, m_dv = o_k < DK, o_v < DV
     qk_scale = scale * _LOG2E
-    b_qt = tl.load(q + o_row[None, :] * DK + o_k[:, None], mask=m_r[None, :] & m_dk[:, None], other=0.0)  # [BK, BM]
-    b_dot = tl.load(do + o_row[None, :] * DV + o_v[:, None], mask=m_r[None, :] & m_dv[:, None], other=0.0)  # [BV, BM]
     b_lse2 = tl.load(lse + o_row, mask=m_r, other=0.0) * _LOG2E  # [BM]
     b_delta = tl.load(delta + o_row, mask=m_r, other=0.0)  # [BM]
-
-    b_dqt = tl.zeros([BK, BM], dtype=tl.float32)  # dQ^T
     n_union = tl.load(union_len + i_tile * H + i_h)
-    for i_u in range(0, n_union):  # the union of the rows' blocks, ascending
-        i_blk = tl.load(union + (i_tile * H + i_h).to(tl.int64) * U + i_u)
-        m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM]
-        s0 = bos + i_blk * LS
-        o_s = s0 + o_n  # [BN]
-        m_n = (o_n < LS) & (o_s <= t_last)
-        b_k, b_kt, b_v = _kv_block(k, v, s0, i_h, m_n, H, DK, DV, BN, BK, BV, TMA)  # [BN, BK], [BK, BN], [BN, BV]
-        m_st = m_row[None, :] & m_n[:, None] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
-        b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
-        b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)  # P^T
-        b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION)  # [BN, BM] dP^T = V dO^T
-        b_dst = b_pt * (b_dpt - b_delta[None, :])  # dS^T
-        b_dqt += tl.dot(b_kt, b_dst.to(b_k.dtype), input_precision=DOT_PRECISION)  # [BK, BM]
+    if TMA:
+        m_qt, m_dot = m_r[None, :] & m_dk[:, None], m_r[None, :] & m_dv[:, None]
+        b_qt = tl.load(q + o_row[None, :] * DK + o_k[:, None], mask=m_qt, other=0.0)  # [BK, BM]
+        b_dot = tl.load(do + o_row[None, :] * DV + o_v[:, None], mask=m_dot, other=0.0)  # [BV, BM]
+        b_dqt = tl.zeros([BK, BM], dtype=tl.float32)  # dQ^T
+        for i_u in range(0, n_union):  # the union of the rows' blocks, ascending
+            i_blk = tl.load(union + (i_tile * H + i_h).to(tl.int64) * U + i_u)
+            m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM]
+            s0 = bos + i_blk * LS
+            o_s = s0 + o_n  # [BN]
+            m_n = (o_n < LS) & (o_s <= t_last)
+            b_k = k.load([s0, i_h, 0]).reshape(BN, BK)  # [BN, BK]
+            b_v = v.load([s0, i_h, 0]).reshape(BN, BV)  # [BN, BV]
+            m_st = m_row[None, :] & m_n[:, None] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
+            b_st = tl.dot(b_k, b_qt, input_precision=DOT_PRECISION) * qk_scale  # [BN, BM]
+            b_pt = tl.where(m_st, tl.exp2(b_st - b_lse2[None, :]), 0.0)  # P^T
+            b_dpt = tl.dot(b_v, b_dot, input_precision=DOT_PRECISION)  # [BN, BM] dP^T = V dO^T
+            b_dst = b_pt * (b_dpt - b_delta[None, :])  # dS^T
+            b_dqt += tl.dot(tl.trans(b_k), b_dst.to(b_k.dtype), input_precision=DOT_PRECISION)  # [BK, BM]
+        b_dq = tl.trans(b_dqt)  # [BM, BK]
+    else:
+        m_q, m_do = m_r[:, None] & m_dk[None, :], m_r[:, None] & m_dv[None, :]
+        b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_q, other=0.0)  # [BM, BK]
+        b_do = tl.load(do + o_row[:, None] * DV + o_v[None, :], mask=m_do, other=0.0)  # [BM, BV]
+        b_dq = tl.zeros([BM, BK], dtype=tl.float32)
+        for i_u in range(0, n_union):
+            i_blk = tl.load(union + (i_tile * H + i_h).to(tl.int64) * U + i_u)
+            m_row = tl.max((b_idx == i_blk).to(tl.int32), axis=1) > 0  # [BM]
+            o_s = bos + i_blk * LS + o_n  # [BN]
+            m_n = (o_n < LS) & (o_s <= t_last)
+            o_key = o_s.to(tl.int64) * H + i_h  # [BN] index into [TT, H]
+            m_s = m_row[:, None] & m_n[None, :] & (o_s[None, :] <= o_t[:, None])  # [BM, BN]
+            b_dq = attn_bwd_dq_step(
+                b_q,
+                b_do,
+                b_lse2,
+                b_delta,
+                k + o_key[None, :] * DK + o_k[:, None],  # [BK, BN]
+                v + o_key[None, :] * DV + o_v[:, None],  # [BV, BN]
+                m_dk[:, None] & m_n[None, :],
+                m_dv[:, None] & m_n[None, :],
+                m_s,
+                qk_scale,
+                b_dq,
+                DOT_PRECISION,
+            )
     m_rk = m_r[:, None] & m_dk[None, :]
-    store_dq(dq, dq_prev, o_row[:, None] * DK + o_k[None, :], tl.trans(b_dqt), m_rk, scale, HAS_DQ_PREV)
+    store_dq(dq, dq_prev, o_row[:, None] * DK + o_k[None, :], b_dq, m_rk, scale, HAS_DQ_PREV)
 
 
 @triton.autotune(
