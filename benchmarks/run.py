@@ -11,7 +11,8 @@ part is compute-bound and its inputs are tens of MB to GB, so what the L2 keeps 
 * ``bwd``: the backward pass alone, ``torch.autograd.grad`` on a retained graph (falls back to
   "fwd+bwd minus fwd" if an implementation cannot replay its backward; the record says which).
 * NSA parts: ``core`` (``nsa_attention``), ``compressed``, ``selection`` (``select_blocks``, no backward),
-  ``selected``, ``window``; ``core_nowin`` (compressed + selection + selected, two gates) for configs
+  ``selected`` (as the core runs it: without the public function's value checks of the indices, host syncs),
+  ``window``; ``core_nowin`` (compressed + selection + selected, two gates) for configs
   that ask for it.
 * Baselines, full causal attention on the same q and the selected branch's k/v: SDPA's FlashAttention-2
   backend, SDPA's cuDNN backend, and ``torch.compile(flex_attention)`` with a causal block mask. GQA goes
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import reference as ref
+from reference._checks import check_scale
 from reference.masks import forced_blocks, select_candidates
 
 from .flops import AttnShape, backward_flops, branch_bytes, branch_flops, ceilings
@@ -142,9 +144,26 @@ class Part:
     grad_inputs: tuple[Tensor, ...]
 
 
+def selected_as_in_core(m: ModuleType) -> Callable[[Tensor, Tensor, Tensor, Tensor, ref.NSAConfig], Tensor]:
+    """The selected branch of ``m`` as its core runs it: ``(q, k, v, block_idx, config) -> o`` without the public
+    function's checks of block_idx's values (three host syncs and a sort; on an H100 at 8k they made the part
+    alone 1 ms slower than the whole core, which never checks the indices it computed)."""
+    branch = importlib.import_module(f"{m.__name__}.selected")
+
+    def selected(q: Tensor, k: Tensor, v: Tensor, block_idx: Tensor, c: ref.NSAConfig) -> Tensor:
+        scale = check_scale(None, q.shape[-1])  # the default, as nsa_attention's
+        if hasattr(branch, "SelectedAttention"):  # optimized: the autograd Function below the public function
+            return branch.SelectedAttention.apply(q, k, v, block_idx, None, c.select_block, scale)
+        return branch.selected_core(q, k, v, block_idx, c, scale)
+
+    return selected
+
+
 def nsa_parts(m: ModuleType, x: dict[str, Tensor], cfg: BenchConfig, names: tuple[str, ...]) -> dict[str, Part]:
-    """The NSA parts named in ``names`` for implementation ``m`` (selection gets the lse it needs, precomputed)."""
+    """The NSA parts named in ``names`` for implementation ``m`` (selection gets the lse it needs, precomputed;
+    the selected branch runs as in the core, ``selected_as_in_core``)."""
     c = cfg.nsa
+    selected = selected_as_in_core(m)
     q, kc, vc, ks, vs, kw, vw, g = (x[n] for n in INPUT_NAMES)
     with torch.no_grad():
         lse = m.compressed_attention(q, kc, vc, c)[1]
@@ -157,7 +176,7 @@ def nsa_parts(m: ModuleType, x: dict[str, Tensor], cfg: BenchConfig, names: tupl
     def no_window() -> Tensor:
         o_cmp, lse_ = m.compressed_attention(q, kc, vc, c)
         idx = m.select_blocks(q.detach(), kc.detach(), lse_.detach(), c)
-        o_slc = m.selected_attention(q, ks, vs, idx, c)
+        o_slc = selected(q, ks, vs, idx, c)
         gf = g.float()
         return (gf[..., 0:1] * o_cmp.float() + gf[..., 1:2] * o_slc.float()).to(q.dtype)
 
@@ -165,7 +184,7 @@ def nsa_parts(m: ModuleType, x: dict[str, Tensor], cfg: BenchConfig, names: tupl
         "core": Part(lambda: m.nsa_attention(q, kc, vc, ks, vs, kw, vw, g, c), (q, kc, vc, ks, vs, kw, vw, g)),
         "compressed": Part(lambda: m.compressed_attention(q, kc, vc, c)[0], (q, kc, vc)),
         "selection": Part(selection, ()),
-        "selected": Part(lambda: m.selected_attention(q, ks, vs, block_idx, c), (q, ks, vs)),
+        "selected": Part(lambda: selected(q, ks, vs, block_idx, c), (q, ks, vs)),
         "window": Part(lambda: m.sliding_window_attention(q, kw, vw, c), (q, kw, vw)),
         "core_nowin": Part(no_window, (q, kc, vc, ks, vs, g)),
     }

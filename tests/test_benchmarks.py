@@ -3,6 +3,7 @@ check, the harnesses (with the reference as the implementation, host-clock timin
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -115,6 +116,31 @@ def test_harness_with_the_reference(tmp_path: Path) -> None:
     f = flops.branch_flops(48, run.CONFIGS["tiny"].shape(), run.CONFIGS["tiny"].nsa)
     assert core_bwd["flops"] == flops.backward_flops("core", f["core"], f)
     assert (tmp_path / "breakdown_tiny.png").exists()
+
+
+@pytest.mark.parametrize("impl", ["reference", "optimized"])
+def test_selected_part_is_the_public_function_without_its_index_checks(
+    impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timed selected part computes what ``selected_attention`` does, but never checks block_idx's values
+    (host syncs that the core does not run): with the check made to fail, the part still runs."""
+    m = importlib.import_module(impl)
+    cfg = run.CONFIGS["tiny"]
+    x = run.make_inputs(cfg, 40, DEVICE, seed=3)
+    q, kc, ks, vs = (x[n].detach() for n in ("q", "k_cmp", "k_slc", "v_slc"))
+    _, lse = m.compressed_attention(q, kc, x["v_cmp"].detach(), cfg.nsa)
+    idx = m.select_blocks(q, kc, lse, cfg.nsa)
+    want = m.selected_attention(q, ks, vs, idx, cfg.nsa)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the timed part checked block_idx")
+
+    monkeypatch.setattr(importlib.import_module(f"{impl}.selected"), "check_block_idx", refuse)
+    parts = run.nsa_parts(m, x, cfg, ("selected", "core_nowin"))
+    torch.testing.assert_close(parts["selected"].fwd(), want, rtol=0, atol=0)
+    assert torch.isfinite(parts["core_nowin"].fwd()).all()
+    with pytest.raises(AssertionError, match="checked block_idx"):
+        m.selected_attention(q, ks, vs, idx, cfg.nsa)
 
 
 def test_harness_stops_when_out_of_time(tmp_path: Path) -> None:
