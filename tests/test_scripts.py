@@ -206,3 +206,17 @@ def test_launch_recorder_records_tma_descriptors_and_only_library_kernels() -> N
     swapab = load_script("swapab")
     launch_recorder.record(swapab.decode_compressed_t_kernel.fn, (), {})
     assert len(launch_recorder.launches) == before
+
+
+CANDIDATES = sorted((SCRIPTS.parent / "benchmarks" / "candidates").glob("*.patch"))
+
+
+@pytest.mark.parametrize("patch", CANDIDATES, ids=[p.stem for p in CANDIDATES])
+def test_candidate_patch_applies_to_the_tree(patch: Path) -> None:
+    """A kernel candidate waiting for its GPU A/B (benchmarks/README.md) still applies: a change that conflicts
+    with it must refresh the patch or drop the candidate."""
+    root = SCRIPTS.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(["git", "apply", "--check", str(patch)], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
