@@ -5,9 +5,18 @@ $$o_t = g^{cmp}_t\, o^{cmp}_t + g^{slc}_t\, o^{slc}_t + g^{win}_t\, o^{win}_t$$
 The three branch kernels live in ``compressed.py``/``_interval.py``, ``selection.py``, ``selected.py`` and
 ``window.py``; this module chains them (the selection reads the compressed branch's log-sum-exp and has no
 gradient) and adds one fused combine kernel: the forward reads the three branch outputs and the gates once
-and writes ``o``; the backward reads ``do``, the gates and the three outputs once and writes, in the same
-pass, ``dgates = rowsum(do * o_c)``, the three branch gradients ``do_c = g_c do`` and their rowsums
-``rowsum(o_c * do_c)``.
+and writes ``o``; the backward reads ``do``, the gates and the three outputs once and writes
+``dgates = rowsum(do * o_c)`` and what each branch backward needs in place of its gradient ``do_c = g_c do``,
+which is never formed (*gate folding*): a softmax branch's gradients from ``do_c`` equal those from ``do`` with
+its probabilities scaled by ``g_c``,
+
+$$P' = g_c P = \exp(S - (\mathrm{lse} - \ln g_c)), \quad dV = P'^\top do, \quad
+dS = P \odot (g_c\, do V^\top - g_c\, \delta) = P' \odot (do V^\top - \delta),
+\quad \delta = \mathrm{rowsum}(o_c \odot do),$$
+
+so each branch runs its usual kernels on ``do``, ``lse - ln g_c`` and ``delta`` (per-row vectors). Three tensors
+the size of ``o`` (1 GiB each at 64k, ``default``) are neither written nor held. It needs ``g_c >= 0`` (the spec's
+sigmoid gates; ``g_c = 0`` gives ``lse = +inf``, ``P' = 0``); a negative gate gives NaN gradients.
 
 The core is one autograd node (:class:`NSACore`), so that its backward can use those rowsums (each branch
 backward would otherwise re-read ``o_c`` and ``do_c`` for them: three passes of ``2 T HQ DV`` elements) and let
@@ -74,14 +83,20 @@ def combine_bwd_kernel(
     r_cmp,  # [R] float32
     r_slc,
     r_win,
+    lse_cmp,  # [R] float32 (FOLD): the branches' lse, overwritten by lse - ln g
+    lse_slc,
+    lse_win,
     R,
     DV: tl.constexpr,
     BR: tl.constexpr,
     BV: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """dgates[:, c] = rowsum(do * o_c), do_c = g_c do and r_c = rowsum(o_c * do_c), one pass over BR rows.
 
     r_c is the branch backward's rowsum(o * do) (the softmax-gradient term delta), from the do_c it stores.
+    FOLD (gate folding, the module's docstring): no do_c; r_c = rowsum(o_c * do) and lse_c becomes lse_c - ln g_c
+    (+inf where g_c = 0).
     """
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # [BR]
     o_v = tl.arange(0, BV)
@@ -91,17 +106,23 @@ def combine_bwd_kernel(
     b_do = tl.load(do + p_x, mask=m_rv, other=0.0).to(tl.float32)  # [BR, BV]
     for c in tl.static_range(3):
         if c == 0:
-            p_in, p_out, p_r = o_cmp, do_cmp, r_cmp
+            p_in, p_out, p_r, p_lse = o_cmp, do_cmp, r_cmp, lse_cmp
         elif c == 1:
-            p_in, p_out, p_r = o_slc, do_slc, r_slc
+            p_in, p_out, p_r, p_lse = o_slc, do_slc, r_slc, lse_slc
         else:
-            p_in, p_out, p_r = o_win, do_win, r_win
+            p_in, p_out, p_r, p_lse = o_win, do_win, r_win, lse_win
         b_g = tl.load(gates + o_r * 3 + c, mask=m_r, other=0.0).to(tl.float32)  # [BR]
         b_x = tl.load(p_in + p_x, mask=m_rv, other=0.0).to(tl.float32)  # [BR, BV]
-        tl.store(dgates + o_r * 3 + c, tl.sum(b_do * b_x, axis=1).to(dgates.dtype.element_ty), mask=m_r)
-        b_doc = (b_g[:, None] * b_do).to(p_out.dtype.element_ty)  # [BR, BV]
-        tl.store(p_out + p_x, b_doc, mask=m_rv)
-        tl.store(p_r + o_r, tl.sum(b_x * b_doc.to(tl.float32), axis=1), mask=m_r)
+        b_dg = tl.sum(b_do * b_x, axis=1)  # [BR]
+        tl.store(dgates + o_r * 3 + c, b_dg.to(dgates.dtype.element_ty), mask=m_r)
+        if FOLD:
+            b_lse = tl.load(p_lse + o_r, mask=m_r, other=0.0)
+            tl.store(p_lse + o_r, tl.where(b_g == 0, float("inf"), b_lse - tl.log(b_g)), mask=m_r)
+            tl.store(p_r + o_r, b_dg, mask=m_r)
+        else:
+            b_doc = (b_g[:, None] * b_do).to(p_out.dtype.element_ty)  # [BR, BV]
+            tl.store(p_out + p_x, b_doc, mask=m_rv)
+            tl.store(p_r + o_r, tl.sum(b_x * b_doc.to(tl.float32), axis=1), mask=m_r)
 
 
 def _rows(DV: int) -> tuple[int, int]:
@@ -147,8 +168,9 @@ def combine_gates_bwd(
     r_cmp, r_slc, r_win = (o_cmp.new_empty(o_cmp.shape[:-1], dtype=torch.float32) for _ in range(3))
     BR, BV = _rows(DV)
     combine_bwd_kernel[(triton.cdiv(R, BR),)](
-        gates, o_cmp, o_slc, o_win, do, dgates, d_cmp, d_slc, d_win, r_cmp, r_slc, r_win, R, DV=DV, BR=BR, BV=BV
-    )
+        gates, o_cmp, o_slc, o_win, do, dgates, d_cmp, d_slc, d_win, r_cmp, r_slc, r_win, r_cmp, r_slc, r_win, R,
+        DV=DV, BR=BR, BV=BV, FOLD=False,
+    )  # fmt: skip
     return dgates, d_cmp, d_slc, d_win, r_cmp, r_slc, r_win
 
 
@@ -159,6 +181,48 @@ def _(gates: torch.Tensor, o_cmp: torch.Tensor, o_slc: torch.Tensor, o_win: torc
         torch.empty_like(gates), torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_win),
         rowsum(), rowsum(), rowsum(),
     )  # fmt: skip
+
+
+@torch.library.custom_op("nsa::combine_gates_bwd_folded", mutates_args=())
+def combine_gates_bwd_folded(
+    gates: torch.Tensor,
+    o_cmp: torch.Tensor,
+    o_slc: torch.Tensor,
+    o_win: torch.Tensor,
+    do: torch.Tensor,
+    lse_cmp: torch.Tensor,
+    lse_slc: torch.Tensor,
+    lse_win: torch.Tensor,
+) -> _SEVEN:
+    """The combine's backward with the gates folded into the branches (module docstring): (dgates, r_cmp, r_slc,
+    r_win, lse_cmp - ln g_cmp, lse_slc - ln g_slc, lse_win - ln g_win), r_c = rowsum(o_c * do) fp32 [B, T, HQ]."""
+    gates, o_cmp, o_slc, o_win, do = (x.contiguous() for x in (gates, o_cmp, o_slc, o_win, do))
+    DV = o_cmp.shape[-1]
+    R = o_cmp.numel() // DV
+    dgates = torch.empty_like(gates)
+    r_cmp, r_slc, r_win = (o_cmp.new_empty(o_cmp.shape[:-1], dtype=torch.float32) for _ in range(3))
+    f_cmp, f_slc, f_win = (x.float().clone(memory_format=torch.contiguous_format) for x in (lse_cmp, lse_slc, lse_win))
+    BR, BV = _rows(DV)
+    combine_bwd_kernel[(triton.cdiv(R, BR),)](
+        gates, o_cmp, o_slc, o_win, do, dgates, do, do, do, r_cmp, r_slc, r_win, f_cmp, f_slc, f_win, R,
+        DV=DV, BR=BR, BV=BV, FOLD=True,
+    )  # fmt: skip
+    return dgates, r_cmp, r_slc, r_win, f_cmp, f_slc, f_win
+
+
+@combine_gates_bwd_folded.register_fake
+def _(
+    gates: torch.Tensor,
+    o_cmp: torch.Tensor,
+    o_slc: torch.Tensor,
+    o_win: torch.Tensor,
+    do: torch.Tensor,
+    lse_cmp: torch.Tensor,
+    lse_slc: torch.Tensor,
+    lse_win: torch.Tensor,
+) -> _SEVEN:
+    rowsum = lambda: o_cmp.new_empty(o_cmp.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(gates), rowsum(), rowsum(), rowsum(), rowsum(), rowsum(), rowsum()
 
 
 class CombineGates(torch.autograd.Function):
@@ -246,18 +310,24 @@ class NSACore(torch.autograd.Function):
         nsa, scale = torch.ops.nsa, ctx.scale
         if do is None:
             do = torch.zeros_like(o_cmp)
-        dgates, do_cmp, do_slc, do_win, r_cmp, r_slc, r_win = nsa.combine_gates_bwd(gates, o_cmp, o_slc, o_win, do)
-        # a gradient that reached a branch output directly: the branch recomputes its rowsum from the sum
-        if do_cmp_aux is not None:
-            do_cmp, r_cmp = do_cmp + do_cmp_aux, None
-        if do_slc_aux is not None:
-            do_slc, r_slc = do_slc + do_slc_aux, None
-        if do_win_aux is not None:
-            do_win, r_win = do_win + do_win_aux, None
+        if do_cmp_aux is None and do_slc_aux is None and do_win_aux is None and dlse is None:
+            # gate folding: every branch on the core's do (the module's docstring)
+            dgates, r_cmp, r_slc, r_win, lse, lse_slc, lse_win = nsa.combine_gates_bwd_folded(
+                gates, o_cmp, o_slc, o_win, do, lse, lse_slc, lse_win
+            )
+            do_cmp = do_slc = do_win = do
+        else:  # a gradient reached a branch output or the lse directly (return_aux): each branch gets its own do
+            dgates, do_cmp, do_slc, do_win, r_cmp, r_slc, r_win = nsa.combine_gates_bwd(gates, o_cmp, o_slc, o_win, do)
+            if do_cmp_aux is not None:  # the branch recomputes its rowsum from the sum
+                do_cmp, r_cmp = do_cmp + do_cmp_aux, None
+            if do_slc_aux is not None:
+                do_slc, r_slc = do_slc + do_slc_aux, None
+            if do_win_aux is not None:
+                do_win, r_win = do_win + do_win_aux, None
         dq, dk_win, dv_win = nsa.interval_attention_bwd(
             q, k_win, v_win, o_win, lse_win, do_win, None, *bounds_win, scale, 0, r_win, None
         )
-        del do_win  # each branch's do is freed once its backward has run (peak memory)
+        del do_win  # a branch's own do (return_aux) is freed once its backward has run (peak memory)
         dq, dk_slc, dv_slc = nsa.selected_attention_bwd(
             q, k_slc, v_slc, o_slc, lse_slc, do_slc, block_idx, cu_seqlens, ctx.select_block, scale, r_slc, dq
         )

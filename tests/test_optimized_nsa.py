@@ -47,6 +47,52 @@ def test_gradients_through_the_aux_outputs(packed: bool) -> None:
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gate_folding_gives_the_branch_gradients_of_the_gated_do(dtype: torch.dtype, packed: bool) -> None:
+    """Gate folding (optimized/nsa.py): every branch backward run on the core's do, lse - ln g_c and rowsum(o_c * do)
+    gives the dq, dk, dv of its own gradient do_c = g_c do (as ``combine_gates_bwd`` writes it), zero gates
+    included, and the same dgates."""
+    from optimized.compressed import DKV_SPLIT_ROWS, compressed_interval_bounds
+    from optimized.selection import select_core
+    from optimized.window import window_bounds
+
+    x = problem(45, 2, 3, 48, 24, CFG, dtype, seed=6, seqlens=(17, 28) if packed else None).tensors(DEVICE)
+    nsa, cu, scale, T = torch.ops.nsa, x.cu_seqlens, 48**-0.5, x.q.shape[1]
+    gates = torch.where(torch.rand(x.gates.shape, generator=torch.Generator().manual_seed(8)) < 0.2, 0.0, x.gates)
+    b_cmp = compressed_interval_bounds(T, x.k_cmp.shape[1], CFG, cu, x.q.device)
+    b_win = window_bounds(T, CFG.window, cu, x.q.device)
+    o_cmp, lse_cmp = nsa.interval_attention_fwd(x.q, x.k_cmp, x.v_cmp, b_cmp[0], b_cmp[1], scale)
+    idx = select_core(x.q, x.k_cmp, lse_cmp, CFG, scale, cu)
+    o_slc, lse_slc = nsa.selected_attention_fwd(x.q, x.k_slc, x.v_slc, idx, cu, CFG.select_block, scale)
+    o_win, lse_win = nsa.interval_attention_fwd(x.q, x.k_win, x.v_win, b_win[0], b_win[1], scale)
+    do = torch.randn(o_cmp.shape, generator=torch.Generator().manual_seed(7)).to(dtype).to(DEVICE)
+
+    dgates, *stored_do, r_cmp, r_slc, r_win = nsa.combine_gates_bwd(gates, o_cmp, o_slc, o_win, do)
+    fdgates, *folded = nsa.combine_gates_bwd_folded(gates, o_cmp, o_slc, o_win, do, lse_cmp, lse_slc, lse_win)
+    torch.testing.assert_close(fdgates, dgates, rtol=0, atol=0)
+
+    def run(c: int, do_c: torch.Tensor, lse: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if c == 0:
+            args = (x.k_cmp, x.v_cmp, o_cmp, lse, do_c, None, *b_cmp, scale, DKV_SPLIT_ROWS, r)
+            return nsa.interval_attention_bwd(x.q, *args)
+        if c == 1:
+            args = (x.k_slc, x.v_slc, o_slc, lse, do_c, idx, cu, CFG.select_block, scale, r)
+            return nsa.selected_attention_bwd(x.q, *args)
+        return nsa.interval_attention_bwd(x.q, x.k_win, x.v_win, o_win, lse, do_c, None, *b_win, scale, 0, r)
+
+    tol = 1e-5 if dtype == torch.float32 else 4e-3  # relative to the largest element: do_c's rounding
+    r_fold, lse_fold = folded[:3], folded[3:]
+    branches = zip(("cmp", "slc", "win"), (lse_cmp, lse_slc, lse_win), (r_cmp, r_slc, r_win))
+    for c, (branch, lse, r) in enumerate(branches):
+        want = run(c, stored_do[c], lse, r)
+        got = run(c, do, lse_fold[c], r_fold[c])
+        for name, a, b in zip(("dq", "dk", "dv"), want, got):
+            assert not b.isnan().any(), f"{branch} {name}"
+            bound = tol * a.float().abs().max().item()
+            torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=bound, msg=f"{branch} {name}")
+
+
 def test_shape_metadata_is_built_once_per_shape() -> None:
     """A dense batch's key bounds and tiles are built once per shape and reused (the same tensors, equal to a
     fresh build from ``cu_seqlens = [0, T]``, which is never cached); the cache starts over when full."""
