@@ -356,7 +356,8 @@ def nsa_attention(
     """Native sparse attention over already-projected (and compressed) keys and values.
 
     q [B, T, HQ, DK]; k_cmp/v_cmp [B, TC, H, DK/DV] compressed; k_slc/v_slc and k_win/v_win
-    [B, T, H, DK/DV]; gates [B, T, HQ, 3] in (0, 1), order (cmp, slc, win); float16, bfloat16 or float32.
+    [B, T, H, DK/DV]; gates [B, T, HQ, 3] in (0, 1), order (cmp, slc, win) (the backward needs them >= 0:
+    gate folding, above); float16, bfloat16 or float32.
     Returns o [B, T, HQ, DV] (or an ``NSAOutput`` with every branch when ``return_aux``).
     """
     config = check_config(config)
