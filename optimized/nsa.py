@@ -160,18 +160,36 @@ def combine_gates_bwd(
 ) -> _SEVEN:
     """(dgates [B, T, HQ, 3], do_cmp, do_slc, do_win [B, T, HQ, DV], r_cmp, r_slc, r_win [B, T, HQ] fp32) in one
     pass; r_c = rowsum(o_c * do_c), which the branch backwards of :class:`NSACore` take instead of recomputing."""
+    return _combine_bwd(gates, o_cmp, o_slc, o_win, do, None)
+
+
+def _combine_bwd(
+    gates: torch.Tensor,
+    o_cmp: torch.Tensor,
+    o_slc: torch.Tensor,
+    o_win: torch.Tensor,
+    do: torch.Tensor,
+    lse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> _SEVEN:
+    """Launch ``combine_bwd_kernel``: (dgates, do_cmp, do_slc, do_win, r_cmp, r_slc, r_win), or with the three
+    branches' ``lse`` the gates folded (FOLD): (dgates, r_cmp, r_slc, r_win, lse_cmp - ln g_cmp, ...)."""
     gates, o_cmp, o_slc, o_win, do = (x.contiguous() for x in (gates, o_cmp, o_slc, o_win, do))
     DV = o_cmp.shape[-1]
     R = o_cmp.numel() // DV
     dgates = torch.empty_like(gates)
-    d_cmp, d_slc, d_win = torch.empty_like(o_cmp), torch.empty_like(o_slc), torch.empty_like(o_win)
-    r_cmp, r_slc, r_win = (o_cmp.new_empty(o_cmp.shape[:-1], dtype=torch.float32) for _ in range(3))
+    r = tuple(o_cmp.new_empty(o_cmp.shape[:-1], dtype=torch.float32) for _ in range(3))
+    fold = lse is not None
+    if fold:  # the lse are overwritten in place: copies, so that the saved ones stay
+        out = tuple(x.float().clone(memory_format=torch.contiguous_format) for x in lse)
+        do_c, lse_c = (do, do, do), out  # do_c: not written under FOLD
+    else:
+        out = tuple(torch.empty_like(x) for x in (o_cmp, o_slc, o_win))
+        do_c, lse_c = out, r  # lse_c: not read without FOLD
     BR, BV = _rows(DV)
     combine_bwd_kernel[(triton.cdiv(R, BR),)](
-        gates, o_cmp, o_slc, o_win, do, dgates, d_cmp, d_slc, d_win, r_cmp, r_slc, r_win, r_cmp, r_slc, r_win, R,
-        DV=DV, BR=BR, BV=BV, FOLD=False,
-    )  # fmt: skip
-    return dgates, d_cmp, d_slc, d_win, r_cmp, r_slc, r_win
+        gates, o_cmp, o_slc, o_win, do, dgates, *do_c, *r, *lse_c, R, DV=DV, BR=BR, BV=BV, FOLD=fold
+    )
+    return (dgates, *r, *out) if fold else (dgates, *out, *r)
 
 
 @combine_gates_bwd.register_fake
@@ -196,18 +214,7 @@ def combine_gates_bwd_folded(
 ) -> _SEVEN:
     """The combine's backward with the gates folded into the branches (module docstring): (dgates, r_cmp, r_slc,
     r_win, lse_cmp - ln g_cmp, lse_slc - ln g_slc, lse_win - ln g_win), r_c = rowsum(o_c * do) fp32 [B, T, HQ]."""
-    gates, o_cmp, o_slc, o_win, do = (x.contiguous() for x in (gates, o_cmp, o_slc, o_win, do))
-    DV = o_cmp.shape[-1]
-    R = o_cmp.numel() // DV
-    dgates = torch.empty_like(gates)
-    r_cmp, r_slc, r_win = (o_cmp.new_empty(o_cmp.shape[:-1], dtype=torch.float32) for _ in range(3))
-    f_cmp, f_slc, f_win = (x.float().clone(memory_format=torch.contiguous_format) for x in (lse_cmp, lse_slc, lse_win))
-    BR, BV = _rows(DV)
-    combine_bwd_kernel[(triton.cdiv(R, BR),)](
-        gates, o_cmp, o_slc, o_win, do, dgates, do, do, do, r_cmp, r_slc, r_win, f_cmp, f_slc, f_win, R,
-        DV=DV, BR=BR, BV=BV, FOLD=True,
-    )  # fmt: skip
-    return dgates, r_cmp, r_slc, r_win, f_cmp, f_slc, f_win
+    return _combine_bwd(gates, o_cmp, o_slc, o_win, do, (lse_cmp, lse_slc, lse_win))
 
 
 @combine_gates_bwd_folded.register_fake
