@@ -77,13 +77,13 @@ def combine_bwd_kernel(
     o_win,
     do,  # [R, DV]
     dgates,  # [R, 3]
-    do_cmp,  # [R, DV]
-    do_slc,
-    do_win,
+    out_cmp,  # [R, DV] do_c, or under FOLD [R] float32 lse_c - ln g_c
+    out_slc,
+    out_win,
     r_cmp,  # [R] float32
     r_slc,
     r_win,
-    lse_cmp,  # [R] float32 (FOLD): the branches' lse, overwritten by lse - ln g
+    lse_cmp,  # [R] float32, read under FOLD only: the branches' lse
     lse_slc,
     lse_win,
     R,
@@ -95,8 +95,8 @@ def combine_bwd_kernel(
     """dgates[:, c] = rowsum(do * o_c), do_c = g_c do and r_c = rowsum(o_c * do_c), one pass over BR rows.
 
     r_c is the branch backward's rowsum(o * do) (the softmax-gradient term delta), from the do_c it stores.
-    FOLD (gate folding, the module's docstring): no do_c; r_c = rowsum(o_c * do) and lse_c becomes lse_c - ln g_c
-    (+inf where g_c = 0).
+    FOLD (gate folding, the module's docstring): no do_c; r_c = rowsum(o_c * do), and out_c = lse_c - ln g_c (+inf
+    where g_c = 0).
     """
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # [BR]
     o_v = tl.arange(0, BV)
@@ -106,18 +106,18 @@ def combine_bwd_kernel(
     b_do = tl.load(do + p_x, mask=m_rv, other=0.0).to(tl.float32)  # [BR, BV]
     for c in tl.static_range(3):
         if c == 0:
-            p_in, p_out, p_r, p_lse = o_cmp, do_cmp, r_cmp, lse_cmp
+            p_in, p_out, p_r, p_lse = o_cmp, out_cmp, r_cmp, lse_cmp
         elif c == 1:
-            p_in, p_out, p_r, p_lse = o_slc, do_slc, r_slc, lse_slc
+            p_in, p_out, p_r, p_lse = o_slc, out_slc, r_slc, lse_slc
         else:
-            p_in, p_out, p_r, p_lse = o_win, do_win, r_win, lse_win
+            p_in, p_out, p_r, p_lse = o_win, out_win, r_win, lse_win
         b_g = tl.load(gates + o_r * 3 + c, mask=m_r, other=0.0).to(tl.float32)  # [BR]
         b_x = tl.load(p_in + p_x, mask=m_rv, other=0.0).to(tl.float32)  # [BR, BV]
         b_dg = tl.sum(b_do * b_x, axis=1)  # [BR]
         tl.store(dgates + o_r * 3 + c, b_dg.to(dgates.dtype.element_ty), mask=m_r)
         if FOLD:
             b_lse = tl.load(p_lse + o_r, mask=m_r, other=0.0)
-            tl.store(p_lse + o_r, tl.where(b_g == 0, float("inf"), b_lse - tl.log(b_g)), mask=m_r)
+            tl.store(p_out + o_r, tl.where(b_g == 0, float("inf"), b_lse - tl.log(b_g)), mask=m_r)
             tl.store(p_r + o_r, b_dg, mask=m_r)
         else:
             b_doc = (b_g[:, None] * b_do).to(p_out.dtype.element_ty)  # [BR, BV]
@@ -179,15 +179,14 @@ def _combine_bwd(
     dgates = torch.empty_like(gates)
     r = tuple(o_cmp.new_empty(o_cmp.shape[:-1], dtype=torch.float32) for _ in range(3))
     fold = lse is not None
-    if fold:  # the lse are overwritten in place: copies, so that the saved ones stay
-        out = tuple(x.float().clone(memory_format=torch.contiguous_format) for x in lse)
-        do_c, lse_c = (do, do, do), out  # do_c: not written under FOLD
-    else:
+    if fold:  # out: lse - ln g
+        out = tuple(torch.empty_like(x) for x in r)
+        lse = tuple(x.float().contiguous() for x in lse)
+    else:  # out: do_c
         out = tuple(torch.empty_like(x) for x in (o_cmp, o_slc, o_win))
-        do_c, lse_c = out, r  # lse_c: not read without FOLD
     BR, BV = _rows(DV)
     combine_bwd_kernel[(triton.cdiv(R, BR),)](
-        gates, o_cmp, o_slc, o_win, do, dgates, *do_c, *r, *lse_c, R, DV=DV, BR=BR, BV=BV, FOLD=fold
+        gates, o_cmp, o_slc, o_win, do, dgates, *out, *r, *(lse if fold else r), R, DV=DV, BR=BR, BV=BV, FOLD=fold
     )
     return (dgates, *r, *out) if fold else (dgates, *out, *r)
 
