@@ -9,8 +9,10 @@ group fills the tile with neighbouring positions instead of padding (``G = 4``: 
 take ``rows`` for larger tiles (``scripts/selected_tiles.py`` times them); both kernels run 16.
 
 **Forward** (grid: row tiles x H). The rows' block lists ``[BM, n]`` are loaded once, and the program
-walks the *union* of the tile's blocks in ascending order (precomputed per tile by a few sorts on the
-device, so the walk is a plain ``for`` loop that Triton can software-pipeline), running the shared
+walks the *union* of the tile's blocks in ascending order (a one-position tile's own row of ``block_idx``,
+which the layers below the public function take ascending and -1 padded, as the selection writes it; for
+several positions, precomputed per tile by a few sorts on the device), so the walk is a plain ``for`` loop
+that Triton can software-pipeline, running the shared
 online-softmax step (``_common.attn_fwd_step``) over each block's ``l'`` keys with the mask "this row's
 position selected the block, and ``s <= t``". Waste: a block selected by only some of the tile's positions
 is computed (and masked) for all rows. With ``G >= 16`` there is none; with smaller groups the union of
@@ -394,11 +396,12 @@ def _row_tiles(
 ) -> tuple[torch.Tensor, ...]:
     """Tiles of BM = ``rows`` rows (``t G + g``) and the union of the blocks their positions selected.
 
-    block_idx [TT, H, n] int32 (packed). Returns cu [S + 1], tile_seq [NT], tile_start [NT] (first row),
-    union [NT, H, U] (ascending, padded with -1) and union_len [NT, H], all int32, plus BM. The union is
-    built on the device: one sort when a tile is one position (BM = G, as at G = 16), else a gather of the
-    tile's positions (their indices built once per shape) and two sorts. It lets the kernels walk the blocks
-    with a plain (pipelined) ``for`` loop.
+    block_idx [TT, H, n] int32 (packed), each row ascending and -1 padded (``ascending_blocks``). Returns cu
+    [S + 1], tile_seq [NT], tile_start [NT] (first row), union [NT, H, U] (ascending, padded with -1) and
+    union_len [NT, H], all int32, plus BM. When a tile is one position (BM = G, as at G = 16) its union is its
+    own row of block_idx (only counted); else it is built on the device, a gather of the tile's positions (their
+    indices built once per shape) and two sorts. It lets the kernels walk the blocks with a plain (pipelined)
+    ``for`` loop.
     ``rows`` above ``TILE_ROWS`` lets neighbouring positions share each block's load also when G = 16
     (``scripts/selected_tiles.py`` times it): fewer loads per position, more masked tensor-core work.
     """
@@ -408,24 +411,31 @@ def _row_tiles(
     cu, _, tile_seq, tile_start = sequence_tiles(lengths, config, BM, G, block_idx.device)
     TT, H, N = block_idx.shape
     P = BM // G if BM % G == 0 else BM // G + 2  # positions a tile of BM rows can touch
-    if P == 1:  # BM = G: tile i is position i, and its union is its own list (a row repeats no block)
-        idx = block_idx  # [NT = TT, H, n]
-    else:
+    if P == 1:  # BM = G: tile i is position i, its union its own row, already ascending (a row repeats no block)
+        return cu, tile_seq, tile_start, block_idx, (block_idx >= 0).sum(-1, dtype=torch.int32), BM
 
-        def positions() -> tuple[torch.Tensor]:  # sizes only: built once per shape (shape_metadata)
-            first = tile_start.long() // G
-            last = (torch.minimum(tile_start.long() + BM, cu.long()[tile_seq.long() + 1] * G) - 1) // G
-            return (torch.minimum(first[:, None] + torch.arange(P, device=first.device), last[:, None]),)  # [NT, P]
+    def positions() -> tuple[torch.Tensor]:  # sizes only: built once per shape (shape_metadata)
+        first = tile_start.long() // G
+        last = (torch.minimum(tile_start.long() + BM, cu.long()[tile_seq.long() + 1] * G) - 1) // G
+        return (torch.minimum(first[:, None] + torch.arange(P, device=first.device), last[:, None]),)  # [NT, P]
 
-        (pos,) = shape_metadata(positions, ("tile_positions", tuple(lengths), G, BM, block_idx.device))
-        idx = block_idx[pos].permute(0, 2, 1, 3).reshape(-1, H, P * N)  # [NT, H, P n]
+    (pos,) = shape_metadata(positions, ("tile_positions", tuple(lengths), G, BM, block_idx.device))
+    idx = block_idx[pos].permute(0, 2, 1, 3).reshape(-1, H, P * N)  # [NT, H, P n]
     idx = torch.sort(torch.where(idx >= 0, idx, TT), dim=-1).values  # "none" sorts last
-    if P > 1:  # a block that several positions selected: keep one
-        repeat = torch.nn.functional.pad(idx[..., 1:] == idx[..., :-1], (1, 0), value=False)
-        idx = torch.sort(torch.where(repeat, TT, idx), dim=-1).values
+    # a block that several positions selected: keep one
+    repeat = torch.nn.functional.pad(idx[..., 1:] == idx[..., :-1], (1, 0), value=False)
+    idx = torch.sort(torch.where(repeat, TT, idx), dim=-1).values
     union_len = (idx < TT).sum(-1, dtype=torch.int32)
     union = torch.where(idx < TT, idx, -1)
     return cu, tile_seq, tile_start, union, union_len, BM
+
+
+def ascending_blocks(block_idx: torch.Tensor) -> torch.Tensor:
+    """Any order, -1 anywhere -> each row ascending, -1 padded: the selection's own form (spec section 6),
+    which the layers below ``selected_attention`` take. block_idx [..., n] -> int32 [..., n]."""
+    none = torch.iinfo(torch.int32).max
+    ordered = torch.sort(torch.where(block_idx >= 0, block_idx.to(torch.int32), none), dim=-1).values
+    return torch.where(ordered == none, -1, ordered)
 
 
 def selected_attention_fwd(
@@ -438,7 +448,8 @@ def selected_attention_fwd(
     cu_seqlens: torch.Tensor | None,
     rows: int = TILE_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, n] -> o [B, T, HQ, DV], lse fp32.
+    """q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, n] (ascending, -1 padded) ->
+    o [B, T, HQ, DV], lse fp32.
     ``rows``: query rows per program (``_row_tiles``)."""
     B, T, HQ, _ = q.shape
     H, DV, N = k.shape[2], v.shape[3], block_idx.shape[3]
@@ -618,7 +629,8 @@ def _(
 
 
 class SelectedAttention(torch.autograd.Function):
-    """Differentiable selected attention over the custom ops; no gradient for the block indices."""
+    """Differentiable selected attention over the custom ops; no gradient for the block indices, which must be
+    ascending per row and -1 padded (the selection's output, or ``ascending_blocks``)."""
 
     @staticmethod
     def forward(
@@ -672,4 +684,4 @@ def selected_attention(
         cu, t, seq = token_sequences(T, cu_seqlens, q.device)
         positions = t - cu[seq]
     check_block_idx(block_idx, B, T, H, config, q.device, positions)
-    return SelectedAttention.apply(q, k, v, block_idx, cu_seqlens, config.select_block, scale)
+    return SelectedAttention.apply(q, k, v, ascending_blocks(block_idx), cu_seqlens, config.select_block, scale)

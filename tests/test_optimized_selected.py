@@ -16,6 +16,7 @@ from optimized.selected import (
     _meta,
     _packed,
     _row_tiles,
+    ascending_blocks,
     invert_blocks,
     selected_attention,
     selected_attention_bwd,
@@ -45,13 +46,16 @@ def _random_block_idx(B: int, T: int, H: int, S: int, block: int, seed: int) -> 
     keys = torch.where(later[None, :, None, :], 2.0, keys)
     order = torch.argsort(keys, dim=-1)[..., :S]
     chosen = torch.gather(keys, -1, order) < 1.8  # drop a few candidates too
-    idx = torch.where(chosen, order, -1)
-    return torch.nn.functional.pad(idx, (0, max(0, S - NS)), value=-1).to(torch.int32)
+    idx = torch.nn.functional.pad(torch.where(chosen, order, -1), (0, max(0, S - NS)), value=-1)
+    shuffle = torch.argsort(torch.rand(idx.shape, generator=gen), dim=-1)  # the -1 among the blocks
+    return torch.gather(idx, -1, shuffle).to(torch.int32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_selected_any_index_order(dtype: torch.dtype) -> None:
-    B, T, H, G, DK, DV = 2, 45, 2, 2, 24, 32
+@pytest.mark.parametrize(("dtype", "G"), [(torch.float32, 2), (torch.float16, 2), (torch.float32, 16)])
+def test_selected_any_index_order(dtype: torch.dtype, G: int) -> None:
+    """The public function takes the blocks in any order (G = 16: a tile is one position, whose row the kernels
+    walk as it is once ``ascending_blocks`` has put it in the selection's form)."""
+    B, T, H, DK, DV = 2, 45, 2, 24, 32
     p = problem(T, H, G, DK, DV, CFG, dtype, batch=B, seed=3)
     idx = _random_block_idx(B, T, H, 4, CFG.select_block, seed=4).to(DEVICE)
     x64, xdt, xo = (p.tensors(DEVICE, dt, requires_grad=True) for dt in (torch.float64, None, None))
@@ -74,10 +78,11 @@ def test_selected_larger_row_tiles_compute_the_same(G: int, seqlens: tuple[int, 
     cu = None if seqlens is None else x.cu_seqlens
     B = x.q.shape[0]
     if cu is None:
-        idx = _random_block_idx(B, T, H, CFG.num_selected, CFG.select_block, seed=1).to(DEVICE)
+        idx = _random_block_idx(B, T, H, CFG.num_selected, CFG.select_block, seed=1)
     else:
         parts = [_random_block_idx(1, n, H, CFG.num_selected, CFG.select_block, seed=n) for n in seqlens]
-        idx = torch.cat(parts, dim=1).to(DEVICE)
+        idx = torch.cat(parts, dim=1)
+    idx = ascending_blocks(idx).to(DEVICE)
     do = torch.randn((*x.q.shape[:3], D), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     args = (x.q, x.k_slc, x.v_slc)
     results = []
@@ -96,7 +101,7 @@ def test_selected_larger_row_tiles_compute_the_same(G: int, seqlens: tuple[int, 
 def _tma_and_pointer_loads_agree(T: int, H: int, G: int, D: int, config: NSAConfig, dtype: torch.dtype) -> None:
     p = problem(T, H, G, D, D, config, dtype)
     x = p.tensors(DEVICE)
-    idx = _random_block_idx(1, T, H, config.num_selected, config.select_block, seed=1).to(DEVICE)
+    idx = ascending_blocks(_random_block_idx(1, T, H, config.num_selected, config.select_block, seed=1)).to(DEVICE)
     do = torch.randn((*x.q.shape[:3], D), generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
 
     def off_alignment(t: torch.Tensor) -> torch.Tensor:  # same values, data pointer one element off 16 bytes
@@ -132,9 +137,10 @@ def test_selected_gpu_tma_and_pointer_loads_agree_at_d128() -> None:
 @pytest.mark.parametrize(("G", "rows"), [(16, 16), (16, 32), (3, 16), (4, 64), (32, 16)])
 def test_row_tiles_union_is_the_blocks_of_the_tiles_positions(G: int, rows: int) -> None:
     """Each tile's union: exactly the blocks its positions selected, ascending, -1 padded (also BM = G, where a
-    tile is one position and the union is its sorted list)."""
+    tile is one position and the union is its own row)."""
     lengths = [20, 7, 33]
     idx = torch.cat([_random_block_idx(1, n, 2, 3, 4, seed=n)[0] for n in lengths])  # [TT, H, n], any order
+    idx = ascending_blocks(idx)  # as the selection writes it
     cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx, G, lengths, CFG, rows)
     assert BM == rows and union.dtype == union_len.dtype == torch.int32
     for i in range(tile_seq.numel()):
@@ -208,7 +214,7 @@ def test_selected_gpu_timing_report(G: int, capsys: pytest.CaptureFixture[str]) 
     p = problem(T, H, G, D, D, cfg, torch.bfloat16)
     x = p.tensors("cuda", requires_grad=True)
     idx = _random_block_idx(B, T, H, cfg.num_selected, cfg.select_block, seed=0).cuda()
-    _, _, _, _, union_len, BM = _row_tiles(idx[0], G, [T], cfg)
+    _, _, _, _, union_len, BM = _row_tiles(ascending_blocks(idx[0]), G, [T], cfg)
     waste = float(union_len.sum()) * BM / (float((idx >= 0).sum()) * G)
     times = []
     for _ in range(3):
