@@ -59,7 +59,9 @@ def test_gate_folding_gives_the_branch_gradients_of_the_gated_do(dtype: torch.dt
 
     x = problem(45, 2, 3, 48, 24, CFG, dtype, seed=6, seqlens=(17, 28) if packed else None).tensors(DEVICE)
     nsa, cu, scale, T = torch.ops.nsa, x.cu_seqlens, 48**-0.5, x.q.shape[1]
-    gates = torch.where(torch.rand(x.gates.shape, generator=torch.Generator().manual_seed(8)) < 0.2, 0.0, x.gates)
+    gates = torch.where(
+        torch.rand(x.gates.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE) < 0.2, 0.0, x.gates
+    )
     b_cmp = compressed_interval_bounds(T, x.k_cmp.shape[1], CFG, cu, x.q.device)
     b_win = window_bounds(T, CFG.window, cu, x.q.device)
     o_cmp, lse_cmp = nsa.interval_attention_fwd(x.q, x.k_cmp, x.v_cmp, b_cmp[0], b_cmp[1], scale)
