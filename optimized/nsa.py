@@ -4,8 +4,10 @@ $$o_t = g^{cmp}_t\, o^{cmp}_t + g^{slc}_t\, o^{slc}_t + g^{win}_t\, o^{win}_t$$
 
 The three branch kernels live in ``compressed.py``/``_interval.py``, ``selection.py``, ``selected.py`` and
 ``window.py``; this module chains them (the selection reads the compressed branch's log-sum-exp and has no
-gradient) and adds one fused combine kernel: the forward reads the three branch outputs and the gates once
-and writes ``o``; the backward reads ``do``, the gates and the three outputs once and writes
+gradient) and fuses the combine: the forward runs the window before the selected branch, whose kernel adds
+``g_cmp o_cmp + g_win o_win`` to its own gated output in its epilogue and writes ``o`` (no pass that reads
+the three outputs back; ``combine_gates`` keeps that kernel for the public function); the backward's combine
+kernel reads ``do``, the gates and the three outputs once and writes
 ``dgates = rowsum(do * o_c)`` and what each branch backward needs in place of its gradient ``do_c = g_c do``,
 which is never formed (*gate folding*): a softmax branch's gradients from ``do_c`` equal those from ``do`` with
 its probabilities scaled by ``g_c``,
@@ -286,9 +288,10 @@ class NSACore(torch.autograd.Function):
         nsa = torch.ops.nsa
         o_cmp, lse = nsa.interval_attention_fwd(q, k_cmp, v_cmp, bounds_cmp[0], bounds_cmp[1], scale)
         block_idx = select_core(q, k_cmp, lse, config, scale, cu_seqlens)  # Eq. 8-11, no gradient
-        o_slc, lse_slc = nsa.selected_attention_fwd(q, k_slc, v_slc, block_idx, cu_seqlens, config.select_block, scale)
         o_win, lse_win = nsa.interval_attention_fwd(q, k_win, v_win, bounds_win[0], bounds_win[1], scale)
-        o = nsa.combine_gates_fwd(gates, o_cmp, o_slc, o_win)  # Eq. 5
+        o_slc, lse_slc, o = nsa.selected_attention_gated_fwd(
+            q, k_slc, v_slc, block_idx, cu_seqlens, config.select_block, scale, gates, o_cmp, o_win
+        )  # and Eq. 5 in its epilogue
         ctx.save_for_backward(
             q, k_cmp, v_cmp, k_slc, v_slc, k_win, v_win, gates, o_cmp, lse, o_slc, lse_slc, o_win, lse_win,
             block_idx, cu_seqlens, *bounds_cmp, *bounds_win,

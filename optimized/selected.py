@@ -118,6 +118,10 @@ def selected_fwd_kernel(
     tile_start,
     union,  # [NT, H, U] int32: each tile's blocks (the union over its positions), ascending
     union_len,  # [NT, H] int32: how many
+    gates,  # [TT, HQ, 3] (GATED)
+    o_cmp,  # [TT, HQ, DV] (GATED)
+    o_win,  # [TT, HQ, DV] (GATED)
+    o_gated,  # [TT, HQ, DV] (GATED): Eq. 5's o
     scale,
     TUNE_T,  # the autotuner's size bucket (_TUNE_KEY), not read
     H: tl.constexpr,
@@ -133,8 +137,11 @@ def selected_fwd_kernel(
     U: tl.constexpr,
     BM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    GATED: tl.constexpr,
 ):
-    """o and lse of one tile of BM rows (positions x the group's heads) over the union of their blocks."""
+    """o and lse of one tile of BM rows (positions x the group's heads) over the union of their blocks; with GATED
+    also the core's o = g_cmp o_cmp + g_slc o + g_win o_win (Eq. 5), from this o as stored (so it equals the
+    combine kernel's sum) without reading it back."""
     i_tile, i_h = tl.program_id(0), tl.program_id(1)
     bos, o_t, o_row, m_r, b_idx = _row_setup(tile_seq, tile_start, cu_seqlens, block_idx, i_tile, i_h, H, G, N, BM, NP)
     t_last = tl.max(tl.where(m_r, o_t, 0), axis=0)  # the tile's last position
@@ -169,8 +176,18 @@ def selected_fwd_kernel(
             DOT_PRECISION,
         )
     b_o, b_lse = attn_fwd_finish(b_m, b_l, b_acc)
-    tl.store(o + o_row[:, None] * DV + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])
+    b_o = b_o.to(o.dtype.element_ty)  # [BM, BV]
+    p_o, m_o = o_row[:, None] * DV + o_v[None, :], m_r[:, None] & m_dv[None, :]
+    tl.store(o + p_o, b_o, mask=m_o)
     tl.store(lse + o_row, b_lse, mask=m_r)
+    if GATED:  # Eq. 5, in fp32 as combine_fwd_kernel
+        b_g0 = tl.load(gates + o_row * 3, mask=m_r, other=0.0).to(tl.float32)  # [BM]
+        b_g1 = tl.load(gates + o_row * 3 + 1, mask=m_r, other=0.0).to(tl.float32)
+        b_g2 = tl.load(gates + o_row * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
+        b_y = b_g0[:, None] * tl.load(o_cmp + p_o, mask=m_o, other=0.0).to(tl.float32)  # [BM, BV]
+        b_y += b_g1[:, None] * b_o.to(tl.float32)
+        b_y += b_g2[:, None] * tl.load(o_win + p_o, mask=m_o, other=0.0).to(tl.float32)
+        tl.store(o_gated + p_o, b_y.to(o_gated.dtype.element_ty), mask=m_o)
 
 
 @triton.autotune(configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2, 3)), key=[*_ROWS_TUNE_KEY, "TMA"])
@@ -447,10 +464,11 @@ def selected_attention_fwd(
     scale: float,
     cu_seqlens: torch.Tensor | None,
     rows: int = TILE_ROWS,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    gated: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, n] (ascending, -1 padded) ->
-    o [B, T, HQ, DV], lse fp32.
-    ``rows``: query rows per program (``_row_tiles``)."""
+    o [B, T, HQ, DV], lse fp32. ``rows``: query rows per program (``_row_tiles``). ``gated`` = (gates [B, T, HQ,
+    3], o_cmp, o_win [B, T, HQ, DV]): the core's combine (Eq. 5) fused, returned third."""
     B, T, HQ, _ = q.shape
     H, DV, N = k.shape[2], v.shape[3], block_idx.shape[3]
     q2, k2, v2, idx2 = _packed(q, k, v, block_idx.to(torch.int32))
@@ -458,11 +476,15 @@ def selected_attention_fwd(
     cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config, rows)
     o = torch.empty(B * T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * T, HQ, dtype=torch.float32, device=q.device)
+    gates, o_cmp, o_win = (x.contiguous() for x in gated) if gated is not None else (o, o, o)
+    o_gated = torch.empty_like(o) if gated is not None else o
     selected_fwd_kernel[(tile_seq.numel(), H)](
-        q2, k2, v2, idx2, o, lse, cu, tile_seq, tile_start, union, union_len, scale,
-        N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, **_meta(q, k, v, config.select_block),
+        q2, k2, v2, idx2, o, lse, cu, tile_seq, tile_start, union, union_len, gates, o_cmp, o_win, o_gated, scale,
+        N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, GATED=gated is not None,
+        **_meta(q, k, v, config.select_block),
     )  # fmt: skip
-    return o.view(B, T, HQ, DV), lse.view(B, T, HQ)
+    out = o.view(B, T, HQ, DV), lse.view(B, T, HQ)
+    return (*out, o_gated.view(B, T, HQ, DV)) if gated is not None else out
 
 
 def invert_blocks(
@@ -587,6 +609,42 @@ def _(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, HQ, _ = q.shape
     return q.new_empty(B, T, HQ, v.shape[3]), q.new_empty(B, T, HQ, dtype=torch.float32)
+
+
+@torch.library.custom_op("nsa::selected_attention_gated_fwd", mutates_args=())
+def selected_attention_gated_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    select_block: int,
+    scale: float,
+    gates: torch.Tensor,
+    o_cmp: torch.Tensor,
+    o_win: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward with the core's combine fused (:class:`optimized.nsa.NSACore`): o_slc, lse and Eq. 5's o."""
+    cfg = _config_of(select_block)
+    return selected_attention_fwd(q, k, v, block_idx, cfg, scale, cu_seqlens, gated=(gates, o_cmp, o_win))
+
+
+@selected_attention_gated_fwd_op.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    select_block: int,
+    scale: float,
+    gates: torch.Tensor,
+    o_cmp: torch.Tensor,
+    o_win: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, HQ, _ = q.shape
+    o = q.new_empty(B, T, HQ, v.shape[3])
+    return o, q.new_empty(B, T, HQ, dtype=torch.float32), torch.empty_like(o)
 
 
 @torch.library.custom_op("nsa::selected_attention_bwd", mutates_args=())

@@ -49,12 +49,12 @@ KERNELS = {
     # scripts/selected_tiles.py times (2 and 4 positions); the dq (transposed products: wgmma) reads K/V through TMA
     # descriptors as at D = 128, "_pointers": its path for rows that are not 16-byte aligned
     **{
-        f"selected_fwd{'' if bm == 16 else f'_bm{bm}'}": (
+        f"selected_fwd{'' if bm == 16 else f'_bm{bm}'}{'_gated' if gated else ''}": (
             selected.selected_fwd_kernel,
-            {**DIMS, **SPARSE, "BM": bm},
-            {},
+            {**DIMS, **SPARSE, "BM": bm, "GATED": gated},
+            {name: "*bf16" for name in ("gates", "o_cmp", "o_win", "o_gated")},
         )
-        for bm in (16, 32, 64)
+        for bm, gated in ((16, False), (32, False), (64, False), (16, True))  # gated: the core's, Eq. 5 fused
     },
     **{
         f"selected_dq{'' if bm == 16 else f'_bm{bm}'}{'' if tma else '_pointers'}": (

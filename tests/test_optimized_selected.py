@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from kernel_problems import DEVICE
 from sparse_problems import problem, sparse_problems
 
 import reference
+from optimized.nsa import combine_gates_fwd
 from optimized.selected import (
     _kv_operands,
     _meta,
@@ -132,6 +134,30 @@ def test_selected_gpu_tma_and_pointer_loads_agree_at_d128() -> None:
     """The pointer path at the benchmark's D = 128 (what cards without TMA run, and an H100 for misaligned rows): on
     an H100 its dq once read shared memory out of bounds here (``tl.trans`` of the loaded K; performance log)."""
     _tma_and_pointer_loads_agree(3000, 2, 16, 128, NSAConfig(), torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    ("T", "G", "D", "seqlens", "dtype"),
+    [(45, 3, 20, None, torch.float32), (50, 4, 16, (3, 30, 17), torch.float16), (9, 16, 24, None, torch.float32)],
+)
+def test_selected_gated_forward_is_the_combine_of_its_output(
+    T: int, G: int, D: int, seqlens: tuple[int, ...] | None, dtype: torch.dtype
+) -> None:
+    """The forward with Eq. 5 fused in its epilogue (what the core runs): o_slc and lse as without it, and o the
+    combine kernel's sum of the three branch outputs (its o_slc as stored, fp32 sums), up to the rounding of a
+    multiply-add that one compiled kernel may fuse and the other not."""
+    x = problem(T, 2, G, D, D, CFG, dtype, seqlens=seqlens).tensors(DEVICE)
+    idx = ascending_blocks(_random_block_idx(1, T, 2, CFG.num_selected, CFG.select_block, seed=4)).to(DEVICE)
+    cu = None if seqlens is None else torch.tensor([0, *itertools.accumulate(seqlens)], device=DEVICE)
+    g = torch.Generator().manual_seed(5)
+    gates = torch.rand((1, T, 2 * G, 3), generator=g).to(dtype).to(DEVICE)
+    o_cmp, o_win = (torch.randn((1, T, 2 * G, D), generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    o, lse = selected_attention_fwd(x.q, x.k_slc, x.v_slc, idx, CFG, D**-0.5, cu)
+    o_g, lse_g, y = selected_attention_fwd(x.q, x.k_slc, x.v_slc, idx, CFG, D**-0.5, cu, gated=(gates, o_cmp, o_win))
+    torch.testing.assert_close(o_g, o, rtol=0, atol=0)
+    torch.testing.assert_close(lse_g, lse, rtol=0, atol=0)
+    assert not y.isnan().any()
+    torch.testing.assert_close(y, combine_gates_fwd(gates, o_cmp, o, o_win))  # the dtype's default tolerances
 
 
 @pytest.mark.parametrize(("G", "rows"), [(16, 16), (16, 32), (3, 16), (4, 64), (32, 16)])
