@@ -261,9 +261,10 @@ class NSACore(torch.autograd.Function):
     """The whole core as one autograd node, so that its backward can fuse across the branches.
 
     Forward: the three branch forwards and the selection (the same custom ops as the per-branch functions), the
-    window's before the selected branch's, whose kernel writes the combine (Eq. 5) in its epilogue. Backward: the combine's pass also writes each branch's rowsum(o * do) (the softmax-gradient
-    term that each branch backward would otherwise compute in a pass of its own), and each dq kernel adds the
-    dq of the branch before it (window, then selected, then compressed), so no separate sums of dq are run.
+    window's before the selected branch's, whose kernel writes the combine (Eq. 5) in its epilogue. Backward:
+    the combine's pass also writes each branch's rowsum(o * do) (the softmax-gradient term that each branch
+    backward would otherwise compute in a pass of its own), and each dq kernel adds the dq of the branch before
+    it (window, then selected, then compressed), so no separate sums of dq are run.
     Every output is differentiable but ``block_idx``: gradients that reach the branch outputs or ``lse``
     directly (``return_aux``) are added to the combine's.
     """
