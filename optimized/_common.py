@@ -188,6 +188,19 @@ def attn_fwd_update(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def gated_sum(gates, o_r, m_r, b_cmp, b_slc, b_win):
+    """Eq. 5 for rows o_r [BR] (mask m_r): g_cmp o_cmp + g_slc o_slc + g_win o_win in fp32 [BR, BV], gates [R, 3],
+    the branch outputs b_* [BR, BV] in any float dtype."""
+    b_g0 = tl.load(gates + o_r * 3, mask=m_r, other=0.0).to(tl.float32)  # [BR]
+    b_g1 = tl.load(gates + o_r * 3 + 1, mask=m_r, other=0.0).to(tl.float32)
+    b_g2 = tl.load(gates + o_r * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
+    b_o = b_g0[:, None] * b_cmp.to(tl.float32)
+    b_o += b_g1[:, None] * b_slc.to(tl.float32)
+    b_o += b_g2[:, None] * b_win.to(tl.float32)
+    return b_o
+
+
+@triton.jit
 def overlap_strides(o_i, o_j, L: tl.constexpr, D: tl.constexpr, LS: tl.constexpr):
     """Eq. 9 (broadcasting, int32): the strides of compressed block ``o_i`` (tokens ``[i d, i d + l)``) that fall
     in selection block ``o_j`` (tokens ``[j l', (j + 1) l')``); ``l`` and ``l'`` are multiples of ``d``."""

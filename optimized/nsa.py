@@ -38,7 +38,7 @@ from reference._checks import check_config, check_nsa_inputs, check_scale
 from reference.config import NSAConfig
 from reference.nsa import NSAOutput
 
-from ._common import check_kernel_device, check_kernel_dtype, is_interpreting, next_power_of_2
+from ._common import check_kernel_device, check_kernel_dtype, gated_sum, is_interpreting, next_power_of_2
 from .compressed import DKV_SPLIT_ROWS, compressed_interval_bounds
 from .selection import select_core
 from .window import window_bounds
@@ -62,12 +62,10 @@ def combine_fwd_kernel(
     m_r = o_r < R
     m_rv = m_r[:, None] & (o_v[None, :] < DV)  # [BR, BV]
     p_x = o_r[:, None] * DV + o_v[None, :]
-    b_g0 = tl.load(gates + o_r * 3, mask=m_r, other=0.0).to(tl.float32)  # [BR]
-    b_g1 = tl.load(gates + o_r * 3 + 1, mask=m_r, other=0.0).to(tl.float32)
-    b_g2 = tl.load(gates + o_r * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
-    b_o = b_g0[:, None] * tl.load(o_cmp + p_x, mask=m_rv, other=0.0).to(tl.float32)  # [BR, BV]
-    b_o += b_g1[:, None] * tl.load(o_slc + p_x, mask=m_rv, other=0.0).to(tl.float32)
-    b_o += b_g2[:, None] * tl.load(o_win + p_x, mask=m_rv, other=0.0).to(tl.float32)
+    b_cmp = tl.load(o_cmp + p_x, mask=m_rv, other=0.0)  # [BR, BV]
+    b_slc = tl.load(o_slc + p_x, mask=m_rv, other=0.0)
+    b_win = tl.load(o_win + p_x, mask=m_rv, other=0.0)
+    b_o = gated_sum(gates, o_r, m_r, b_cmp, b_slc, b_win)  # [BR, BV] fp32
     tl.store(o + p_x, b_o.to(o.dtype.element_ty), mask=m_rv)
 
 

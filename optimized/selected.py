@@ -63,6 +63,7 @@ from ._common import (
     check_kernel_dtype,
     device_tensor,
     dot_precision,
+    gated_sum,
     is_interpreting,
     next_power_of_2,
     shape_metadata,
@@ -180,13 +181,10 @@ def selected_fwd_kernel(
     p_o, m_o = o_row[:, None] * DV + o_v[None, :], m_r[:, None] & m_dv[None, :]
     tl.store(o + p_o, b_o, mask=m_o)
     tl.store(lse + o_row, b_lse, mask=m_r)
-    if GATED:  # Eq. 5, in fp32 as combine_fwd_kernel
-        b_g0 = tl.load(gates + o_row * 3, mask=m_r, other=0.0).to(tl.float32)  # [BM]
-        b_g1 = tl.load(gates + o_row * 3 + 1, mask=m_r, other=0.0).to(tl.float32)
-        b_g2 = tl.load(gates + o_row * 3 + 2, mask=m_r, other=0.0).to(tl.float32)
-        b_y = b_g0[:, None] * tl.load(o_cmp + p_o, mask=m_o, other=0.0).to(tl.float32)  # [BM, BV]
-        b_y += b_g1[:, None] * b_o.to(tl.float32)
-        b_y += b_g2[:, None] * tl.load(o_win + p_o, mask=m_o, other=0.0).to(tl.float32)
+    if GATED:  # Eq. 5, as combine_fwd_kernel
+        b_cmp = tl.load(o_cmp + p_o, mask=m_o, other=0.0)  # [BM, BV]
+        b_win = tl.load(o_win + p_o, mask=m_o, other=0.0)
+        b_y = gated_sum(gates, o_row, m_r, b_cmp, b_o, b_win)  # [BM, BV] fp32
         tl.store(o_gated + p_o, b_y.to(o_gated.dtype.element_ty), mask=m_o)
 
 
