@@ -89,6 +89,7 @@ Compress = Callable[[torch.Tensor], torch.Tensor]  # phi: [..., l, D] -> [..., D
 TILE_BLOCKS = 16  # selection blocks per tile of the compressed pass (tl.dot needs >= 16 columns)
 CMP_PROGRAMS_PER_SM = 3  # the compressed pass: one wave of programs (about 3 fit on an SM at D = 128)
 SPARSE_PROGRAMS_PER_SM = 2  # the sparse pass: at least this many programs per SM
+COMBINE_COLUMNS = 128  # value columns per program of the combine (fewer: more programs, each merging a slice)
 SELECT_ENTRIES = 32768  # the select kernel's sel entries in registers at once (128 a thread at 8 warps)
 # Launch options per kernel (no autotuning: a step takes microseconds and its grids are fixed per cache;
 # chosen from per-kernel timings at 64k, batch 1 and 32, on an H200).
@@ -354,12 +355,14 @@ def decode_sparse_kernel(
 
 
 @triton.jit
-def merge_splits(p_m, p_l, p_acc, P0: tl.constexpr, P1: tl.constexpr, BP: tl.constexpr, BV: tl.constexpr):
+def merge_splits(
+    p_m, p_l, p_acc, P0: tl.constexpr, P1: tl.constexpr, BP: tl.constexpr, BV: tl.constexpr, SV: tl.constexpr
+):
     """Merge the partial softmax states of splits [P0, P1) of one query row: returns b_o [BV] fp32.
 
-    p_m / p_l point at the row's split maxima (log2 units) and sums, p_acc at its [splits, BV] accumulators.
-    Lane i of a tile of BP splits keeps its own running state; the BP lanes are merged at the end. The loop
-    is unrolled, so that all the loads are in flight together.
+    p_m / p_l point at the row's split maxima (log2 units) and sums, p_acc at BV columns of its [splits, SV]
+    accumulators. Lane i of a tile of BP splits keeps its own running state; the BP lanes are merged at the
+    end. The loop is unrolled, so that all the loads are in flight together.
     """
     o_p, o_v = tl.arange(0, BP), tl.arange(0, BV)
     b_m = tl.full([BP], float("-inf"), dtype=tl.float32)
@@ -373,7 +376,7 @@ def merge_splits(p_m, p_l, p_acc, P0: tl.constexpr, P1: tl.constexpr, BP: tl.con
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
         b_a, b_ap = tl.exp2(b_m - b_m_safe), tl.exp2(b_mp - b_m_safe)  # [BP]
         b_l = b_l * b_a + tl.load(p_l + o_pp, mask=m_p, other=0.0) * b_ap
-        b_accp = tl.load(p_acc + o_pp[:, None] * BV + o_v[None, :], mask=m_p[:, None], other=0.0)  # [BP, BV]
+        b_accp = tl.load(p_acc + o_pp[:, None] * SV + o_v[None, :], mask=m_p[:, None], other=0.0)  # [BP, BV]
         b_acc = b_acc * b_a[:, None] + b_accp * b_ap[:, None]
         b_m = b_m_new
     b_mx = tl.max(b_m, 0)
@@ -401,15 +404,18 @@ def decode_combine_kernel(
     BPS: tl.constexpr,
     BPW: tl.constexpr,
     BV: tl.constexpr,
+    BVC: tl.constexpr,
 ):
-    """o [B, HQ, DV] = g_cmp o_cmp + g_slc o_slc + g_win o_win (Eq. 5) for query head (b, hq); gates [B, HQ, 3]."""
-    i_b, i_q = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    """o [B, HQ, DV] = g_cmp o_cmp + g_slc o_slc + g_win o_win (Eq. 5) for query head (b, hq), columns
+    [c BVC, (c + 1) BVC) of the BV; gates [B, HQ, 3]."""
+    i_b, i_q, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     row = i_b * HQ + i_q
-    o_v = tl.arange(0, BV)
-    b_cmp = merge_splits(cmp_m + row * NC, cmp_l + row * NC, cmp_acc + row * NC * BV, 0, NC, BPC, BV)  # [BV]
-    p_m, p_l, p_acc = part_m + row * NSPLIT, part_l + row * NSPLIT, part_acc + row * NSPLIT * BV
-    b_slc = merge_splits(p_m, p_l, p_acc, 0, NSS, BPS, BV)
-    b_win = merge_splits(p_m, p_l, p_acc, NSS, NSPLIT, BPW, BV)
+    o_v = i_c * BVC + tl.arange(0, BVC)  # [BVC]
+    p_acc = cmp_acc + row * NC * BV + i_c * BVC
+    b_cmp = merge_splits(cmp_m + row * NC, cmp_l + row * NC, p_acc, 0, NC, BPC, BVC, BV)  # [BVC]
+    p_m, p_l, p_acc = part_m + row * NSPLIT, part_l + row * NSPLIT, part_acc + row * NSPLIT * BV + i_c * BVC
+    b_slc = merge_splits(p_m, p_l, p_acc, 0, NSS, BPS, BVC, BV)
+    b_win = merge_splits(p_m, p_l, p_acc, NSS, NSPLIT, BPW, BVC, BV)
     b_g0 = tl.load(gates + row * 3).to(tl.float32)
     b_g1 = tl.load(gates + row * 3 + 1).to(tl.float32)
     b_g2 = tl.load(gates + row * 3 + 2).to(tl.float32)
@@ -645,9 +651,10 @@ def decode_attention(
         W=config.window, N_SEL=n, SB=SB, NSS=NSS, NSPLIT=NSPLIT, BG=BG, BK=BK, BV=BV, BN=BN,
         DOT_PRECISION=precision, **LAUNCH["sparse"],
     )  # fmt: skip
-    decode_combine_kernel[(B, HQ)](
+    BVC = min(BV, COMBINE_COLUMNS)
+    decode_combine_kernel[(B, HQ, BV // BVC)](
         ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["part_m"], ws["part_l"], ws["part_acc"], gates, o, HQ=HQ,
         DV=DV, NC=NC, NSS=NSS, NSPLIT=NSPLIT, BPC=_pow2_at_most(NC, 32), BPS=_pow2_at_most(NSS, 32),
-        BPW=_pow2_at_most(NSPLIT - NSS, 32), BV=BV, **LAUNCH["combine"],
+        BPW=_pow2_at_most(NSPLIT - NSS, 32), BV=BV, BVC=BVC, **LAUNCH["combine"],
     )  # fmt: skip
     return (o, block_idx) if return_block_idx else o

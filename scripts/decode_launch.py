@@ -1,13 +1,14 @@
 """Experiment: the decode step's time against its launch options, one knob at a time from the defaults.
 
 Knobs: ``num_warps`` and ``num_stages`` of each of the four kernels (``optimized.decode.LAUNCH``), the
-cache's sizes (``split_tiles`` and ``tile_blocks`` of the compressed pass, ``split_blocks`` of the sparse pass)
-and ``--transposed`` (the compressed pass from ``scripts/swapab.py``, its products transposed for wgmma). Every
-variant is checked against the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per
-variant; writes ``decode_launch.json`` to ``--out``.
+cache's sizes (``split_tiles`` and ``tile_blocks`` of the compressed pass, ``split_blocks`` of the sparse pass),
+the combine's value columns per program (``--combine-columns``, ``COMBINE_COLUMNS``) and ``--transposed`` (the
+compressed pass from ``scripts/swapab.py``, its products transposed for wgmma). Every variant is checked against
+the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per variant; writes
+``decode_launch.json`` to ``--out``.
 
     python scripts/decode_launch.py --contexts 65536 --batches 1 32 --warps select=4,16 compressed=8 \\
-        --stages compressed=3,4 --split-tiles 1 2 4 --split-blocks 1 2 4 --tile-blocks 32
+        --stages compressed=3,4 --split-tiles 1 2 4 --split-blocks 1 2 4 --tile-blocks 32 --combine-columns 32 64
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ Variant = tuple[str, dict[str, dict[str, int]], dict[str, int], dict[str, Any]]
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
-    """(label, LAUNCH overrides, cache splits, kernels of optimized.decode replaced): the
-    defaults, then each knob value on its own."""
+    """(label, LAUNCH overrides, cache splits, kernels or constants of optimized.decode replaced):
+    the defaults, then each knob value on its own."""
     out: list[Variant] = [("default", {}, {}, {})]
     for option, specs in (("num_warps", args.warps), ("num_stages", args.stages)):
         for spec in specs:
@@ -44,6 +45,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     out += [(f"split_tiles={n}", {}, {"split_tiles": n}, {}) for n in args.split_tiles]
     out += [(f"split_blocks={n}", {}, {"split_blocks": n}, {}) for n in args.split_blocks]
     out += [(f"tile_blocks={n}", {}, {"tile_blocks": n}, {}) for n in args.tile_blocks]
+    out += [(f"combine_columns={n}", {}, {}, {"COMBINE_COLUMNS": n}) for n in args.combine_columns]
     if args.transposed:  # scripts/swapab.py: the compressed pass with its products transposed (wgmma)
         from scripts import swapab
 
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-tiles", type=int, nargs="*", default=[])
     p.add_argument("--split-blocks", type=int, nargs="*", default=[])
     p.add_argument("--tile-blocks", type=int, nargs="*", default=[], help="selection blocks per compressed tile")
+    p.add_argument("--combine-columns", type=int, nargs="*", default=[], help="value columns per combine program")
     p.add_argument("--transposed", action="store_true", help="the compressed pass transposed (scripts/swapab.py)")
     p.add_argument("--budget-ms", type=float, default=100.0)
     p.add_argument("--min-reps", type=int, default=5)

@@ -132,6 +132,13 @@ def test_decode_select_sums_heads_in_groups(monkeypatch):
     _check_decode([90, 200], 2, 3, (16, 16), reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), (None, None, 16), 2)
 
 
+def test_decode_combine_in_column_slices(monkeypatch):
+    """The combine split over the value columns (``COMBINE_COLUMNS`` below BV): DV = 40 in slices of 16, the
+    last one partly past DV."""
+    monkeypatch.setattr(decode, "COMBINE_COLUMNS", 16)
+    _check_decode([90, 200], 2, 3, (24, 40), reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), (1, 2, 16), 3)
+
+
 def _check_decode(prompts, steps, G, dims, config, splits, seed):
     H, (DK, DV), dtype = 2, dims, torch.float32
     lengths = [p + steps for p in prompts]
