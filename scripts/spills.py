@@ -96,6 +96,16 @@ KERNELS = {
         )
         for bj in (16, 32)  # the cache's tile_blocks: 16 (default) and the larger tile decode_launch.py times
     },
+    # the decode step's combine at batch 1 and 64k (64 compressed splits, 16 + 8 sparse), per column slice
+    **{
+        f"decode_combine{'' if bvc == 128 else f'_cols{bvc}'}": (
+            decode.decode_combine_kernel,
+            dict(HQ=64, DV=128, NC=64, NSS=16, NSPLIT=24, BPC=32, BPS=16, BPW=8, BV=128, BVC=bvc),
+            {name: "*fp32" for name in ("cmp_m", "cmp_l", "cmp_acc", "part_m", "part_l", "part_acc")},
+            decode.LAUNCH["combine"],
+        )
+        for bvc in (128, 64, 32)  # decode.COMBINE_COLUMNS: decode_launch.py --combine-columns times the slices
+    },
     # the same pass transposed for wgmma (scripts/swapab.py, decode_launch.py --transposed)
     "decode_compressed_swapab": (
         swapab.decode_compressed_t_kernel,
