@@ -90,6 +90,9 @@ TILE_BLOCKS = 16  # selection blocks per tile of the compressed pass (tl.dot nee
 CMP_PROGRAMS_PER_SM = 3  # the compressed pass: one wave of programs (about 3 fit on an SM at D = 128)
 SPARSE_PROGRAMS_PER_SM = 2  # the sparse pass: at least this many programs per SM
 COMBINE_COLUMNS = 128  # value columns per program of the combine (fewer: more programs, each merging a slice)
+# from this many compressed splits on, spare programs of the select kernel merge them (None: never; a candidate,
+# benchmarks/README.md, fourteenth session)
+PRE_MERGE_SPLITS: int | None = None
 SELECT_ENTRIES = 32768  # the select kernel's sel entries in registers at once (128 a thread at 8 warps)
 # Launch options per kernel (no autotuning: a step takes microseconds and its grids are fixed per cache;
 # chosen from per-kernel timings at 64k, batch 1 and 32, on an H200).
@@ -198,6 +201,8 @@ def decode_select_kernel(
     sel,
     sel_ref,
     block_idx,
+    cmp_acc,
+    cmp_o,
     NT,
     H: tl.constexpr,
     G: tl.constexpr,
@@ -212,15 +217,25 @@ def decode_select_kernel(
     BJ: tl.constexpr,
     NSP: tl.constexpr,
     BSEL: tl.constexpr,
+    BV: tl.constexpr,
+    PRE_MERGE: tl.constexpr,
 ):
-    """Selection scores (Eq. 8-10) and top-n (Eq. 11) of the newest token of sequence b, kv head h.
+    """Selection scores (Eq. 8-10) and top-n (Eq. 11) of the newest token of sequence b, kv head h < H.
 
     Reads the compressed pass's cmp_m / cmp_l [B, HQ, NC], sel [B, HQ, NT * BJ] and sel_ref [B, HQ, NT]
     (NT * BJ <= NSP); writes block_idx [B, H, N_SEL] int32 (ascending, -1 padded). The score row [NSP] never
     leaves registers; the heads are summed BGC at a time (BG at once unless NSP is large).
+    With PRE_MERGE the grid is (B, H + HQ) and program (b, H + q) merges query head q's compressed partials
+    cmp_acc [B, HQ, NC, BV] into cmp_o [B, HQ, BV] (the branch's output, fp32), on the SMs the selection leaves idle.
     """
     i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     HQ: tl.constexpr = H * G
+    if PRE_MERGE:
+        if i_h >= H:
+            row = i_b * HQ + i_h - H
+            b_o = merge_splits(cmp_m + row * NC, cmp_l + row * NC, cmp_acc + row * NC * BV, 0, NC, BP, BV, BV)
+            tl.store(cmp_o + row * BV + tl.arange(0, BV), b_o)
+            return
     NT2: tl.constexpr = NSP // BJ  # tiles of the padded row
     t = tl.load(lengths + i_b) - 1
     NS = t // LS + 1  # candidate blocks j <= t // l'; the compressed pass wrote the tiles u < cdiv(NS, BJ)
@@ -390,6 +405,7 @@ def decode_combine_kernel(
     cmp_m,
     cmp_l,
     cmp_acc,
+    cmp_o,
     part_m,
     part_l,
     part_acc,
@@ -405,14 +421,19 @@ def decode_combine_kernel(
     BPW: tl.constexpr,
     BV: tl.constexpr,
     BVC: tl.constexpr,
+    PRE_MERGE: tl.constexpr,
 ):
     """o [B, HQ, DV] = g_cmp o_cmp + g_slc o_slc + g_win o_win (Eq. 5) for query head (b, hq), columns
-    [c BVC, (c + 1) BVC) of the BV; gates [B, HQ, 3]."""
+    [c BVC, (c + 1) BVC) of the BV; gates [B, HQ, 3]. With PRE_MERGE o_cmp is read from cmp_o [B, HQ, BV]
+    (merged by the select kernel), else merged here from the compressed partials."""
     i_b, i_q, i_c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     row = i_b * HQ + i_q
     o_v = i_c * BVC + tl.arange(0, BVC)  # [BVC]
-    p_acc = cmp_acc + row * NC * BV + i_c * BVC
-    b_cmp = merge_splits(cmp_m + row * NC, cmp_l + row * NC, p_acc, 0, NC, BPC, BVC, BV)  # [BVC]
+    if PRE_MERGE:
+        b_cmp = tl.load(cmp_o + row * BV + o_v)  # [BVC]
+    else:
+        p_acc = cmp_acc + row * NC * BV + i_c * BVC
+        b_cmp = merge_splits(cmp_m + row * NC, cmp_l + row * NC, p_acc, 0, NC, BPC, BVC, BV)  # [BVC]
     p_m, p_l, p_acc = part_m + row * NSPLIT, part_l + row * NSPLIT, part_acc + row * NSPLIT * BV + i_c * BVC
     b_slc = merge_splits(p_m, p_l, p_acc, 0, NSS, BPS, BVC, BV)
     b_win = merge_splits(p_m, p_l, p_acc, NSS, NSPLIT, BPW, BVC, BV)
@@ -524,6 +545,7 @@ class DecodeCache:
                 "cmp_m": empty(B, HQ, NC),  # compressed pass: partial (max, sum, acc) per split
                 "cmp_l": empty(B, HQ, NC),
                 "cmp_acc": empty(B, HQ, NC, BV),
+                "cmp_o": empty(B, HQ, BV),  # the compressed branch's output, when the select kernel merges it
                 "sel": empty(B, HQ, self.num_tiles * self.tile_blocks),  # per head and selection block, Eq. 8-9
                 "sel_ref": empty(B, HQ, self.num_tiles),  # per head and tile: the max score u is relative to
                 "part_m": empty(B, HQ, NP),  # sparse pass: partial (max, sum, acc) per split
@@ -639,11 +661,12 @@ def decode_attention(
         ws["sel_ref"], scale, cache.k_cmp.shape[1], NT, cache.split_tiles, H=H, G=G, DK=DK, DV=DV, L=L, D=D, LS=LS,
         NC=NC, BG=BG, BK=BK, BV=BV, BJ=BJ, BH=BH, DOT_PRECISION=precision, **LAUNCH["compressed"],
     )  # fmt: skip
-    decode_select_kernel[(B, H)](
-        cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], block_idx, NT, H=H, G=G, LS=LS,
-        N_SEL=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, NC=NC, BG=BG,
-        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=BJ, NSP=NSP, BSEL=BSEL,
-        **LAUNCH["select"],
+    pre_merge = PRE_MERGE_SPLITS is not None and NC >= PRE_MERGE_SPLITS
+    decode_select_kernel[(B, H + HQ * pre_merge)](
+        cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], block_idx, ws["cmp_acc"], ws["cmp_o"],
+        NT, H=H, G=G, LS=LS, N_SEL=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, NC=NC, BG=BG,
+        BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=BJ, NSP=NSP, BSEL=BSEL, BV=BV,
+        PRE_MERGE=pre_merge, **LAUNCH["select"],
     )  # fmt: skip
     decode_sparse_kernel[(B, H, NSPLIT)](
         q, cache.k_slc, cache.v_slc, cache.k_win, cache.v_win, cache.lengths, block_idx, ws["part_m"],
@@ -653,8 +676,8 @@ def decode_attention(
     )  # fmt: skip
     BVC = min(BV, COMBINE_COLUMNS)
     decode_combine_kernel[(B, HQ, BV // BVC)](
-        ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["part_m"], ws["part_l"], ws["part_acc"], gates, o, HQ=HQ,
-        DV=DV, NC=NC, NSS=NSS, NSPLIT=NSPLIT, BPC=_pow2_at_most(NC, 32), BPS=_pow2_at_most(NSS, 32),
-        BPW=_pow2_at_most(NSPLIT - NSS, 32), BV=BV, BVC=BVC, **LAUNCH["combine"],
+        ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["cmp_o"], ws["part_m"], ws["part_l"], ws["part_acc"], gates, o,
+        HQ=HQ, DV=DV, NC=NC, NSS=NSS, NSPLIT=NSPLIT, BPC=_pow2_at_most(NC, 32), BPS=_pow2_at_most(NSS, 32),
+        BPW=_pow2_at_most(NSPLIT - NSS, 32), BV=BV, BVC=BVC, PRE_MERGE=pre_merge, **LAUNCH["combine"],
     )  # fmt: skip
     return (o, block_idx) if return_block_idx else o

@@ -2,13 +2,16 @@
 
 Knobs: ``num_warps`` and ``num_stages`` of each of the four kernels (``optimized.decode.LAUNCH``), the
 cache's sizes (``split_tiles`` and ``tile_blocks`` of the compressed pass, ``split_blocks`` of the sparse pass),
-the combine's value columns per program (``--combine-columns``, ``COMBINE_COLUMNS``) and ``--transposed`` (the
-compressed pass from ``scripts/swapab.py``, its products transposed for wgmma). Every variant is checked against
-the eager step, as ``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per variant; writes
-``decode_launch.json`` to ``--out``.
+the combine's value columns per program (``--combine-columns``, ``COMBINE_COLUMNS``), the compressed partials
+merged by the select kernel's spare programs (``--pre-merge-splits``, ``PRE_MERGE_SPLITS``; with
+``--combine-columns`` also each pair of the two) and ``--transposed`` (the compressed pass from
+``scripts/swapab.py``, its products transposed for wgmma). Every variant is checked against the eager step, as
+``benchmarks.decode`` does, and timed as CUDA-graph replays. Prints µs per variant; writes ``decode_launch.json``
+to ``--out``.
 
     python scripts/decode_launch.py --contexts 65536 --batches 1 32 --warps select=4,16 compressed=8 \\
-        --stages compressed=3,4 --split-tiles 1 2 4 --split-blocks 1 2 4 --tile-blocks 32 --combine-columns 32 64
+        --stages compressed=3,4 --split-tiles 1 2 4 --split-blocks 1 2 4 --tile-blocks 32 --combine-columns 32 64 \\
+        --pre-merge-splits 16
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     out += [(f"split_blocks={n}", {}, {"split_blocks": n}, {}) for n in args.split_blocks]
     out += [(f"tile_blocks={n}", {}, {"tile_blocks": n}, {}) for n in args.tile_blocks]
     out += [(f"combine_columns={n}", {}, {}, {"COMBINE_COLUMNS": n}) for n in args.combine_columns]
+    out += [(f"pre_merge_splits={n}", {}, {}, {"PRE_MERGE_SPLITS": n}) for n in args.pre_merge_splits]
+    out += [
+        (f"pre_merge_splits={n} combine_columns={c}", {}, {}, {"PRE_MERGE_SPLITS": n, "COMBINE_COLUMNS": c})
+        for n in args.pre_merge_splits
+        for c in args.combine_columns
+    ]
     if args.transposed:  # scripts/swapab.py: the compressed pass with its products transposed (wgmma)
         from scripts import swapab
 
@@ -64,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split-blocks", type=int, nargs="*", default=[])
     p.add_argument("--tile-blocks", type=int, nargs="*", default=[], help="selection blocks per compressed tile")
     p.add_argument("--combine-columns", type=int, nargs="*", default=[], help="value columns per combine program")
+    p.add_argument(
+        "--pre-merge-splits", type=int, nargs="*", default=[], help="compressed splits from which the select merges"
+    )
     p.add_argument("--transposed", action="store_true", help="the compressed pass transposed (scripts/swapab.py)")
     p.add_argument("--budget-ms", type=float, default=100.0)
     p.add_argument("--min-reps", type=int, default=5)

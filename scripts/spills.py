@@ -80,12 +80,16 @@ KERNELS = {
         for g in (16, 4, 1)
     },
     # the decode step's select kernel at 64k (1024 candidate blocks), one program per sequence and kv head
-    "decode_select": (
-        decode.decode_select_kernel,
-        dict(H=4, G=16, LS=64, N_SEL=16, N_INIT=1, N_LOCAL=2, NC=64, BG=16, BGC=16, BP=64, BJ=16, NSP=1024, BSEL=16),
-        {name: "*fp32" for name in ("cmp_m", "cmp_l", "sel", "sel_ref")},
-        decode.LAUNCH["select"],
-    ),
+    **{
+        f"decode_select{'_pre_merge' if pre else ''}": (
+            decode.decode_select_kernel,
+            dict(H=4, G=16, LS=64, N_SEL=16, N_INIT=1, N_LOCAL=2, NC=64, BG=16, BGC=16, BP=64, BJ=16, NSP=1024)
+            | dict(BSEL=16, BV=128, PRE_MERGE=pre),
+            {name: "*fp32" for name in ("cmp_m", "cmp_l", "sel", "sel_ref", "cmp_acc", "cmp_o")},
+            decode.LAUNCH["select"],
+        )
+        for pre in (False, True)  # PRE_MERGE: its spare programs merge the compressed partials (batch 1)
+    },
     # the decode step's compressed pass (its time at batch 32: docs/performance.md)
     **{
         f"decode_compressed{'' if bj == 16 else f'_tiles{bj}'}": (
@@ -98,13 +102,14 @@ KERNELS = {
     },
     # the decode step's combine at batch 1 and 64k (64 compressed splits, 16 + 8 sparse), per column slice
     **{
-        f"decode_combine{'' if bvc == 128 else f'_cols{bvc}'}": (
+        f"decode_combine{'' if bvc == 128 else f'_cols{bvc}'}{'_pre_merge' if pre else ''}": (
             decode.decode_combine_kernel,
-            dict(HQ=64, DV=128, NC=64, NSS=16, NSPLIT=24, BPC=32, BPS=16, BPW=8, BV=128, BVC=bvc),
-            {name: "*fp32" for name in ("cmp_m", "cmp_l", "cmp_acc", "part_m", "part_l", "part_acc")},
+            dict(HQ=64, DV=128, NC=64, NSS=16, NSPLIT=24, BPC=32, BPS=16, BPW=8, BV=128, BVC=bvc, PRE_MERGE=pre),
+            {name: "*fp32" for name in ("cmp_m", "cmp_l", "cmp_acc", "cmp_o", "part_m", "part_l", "part_acc")},
             decode.LAUNCH["combine"],
         )
-        for bvc in (128, 64, 32)  # decode.COMBINE_COLUMNS: decode_launch.py --combine-columns times the slices
+        # decode.COMBINE_COLUMNS (decode_launch.py --combine-columns times the slices); PRE_MERGE: o_cmp read merged
+        for bvc, pre in ((128, False), (64, False), (32, False), (128, True), (64, True))
     },
     # the same pass transposed for wgmma (scripts/swapab.py, decode_launch.py --transposed)
     "decode_compressed_swapab": (

@@ -132,11 +132,14 @@ def test_decode_select_sums_heads_in_groups(monkeypatch):
     _check_decode([90, 200], 2, 3, (16, 16), reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), (None, None, 16), 2)
 
 
-def test_decode_combine_in_column_slices(monkeypatch):
-    """The combine split over the value columns (``COMBINE_COLUMNS`` below BV): DV = 40 in slices of 16, the
-    last one partly past DV."""
-    monkeypatch.setattr(decode, "COMBINE_COLUMNS", 16)
-    _check_decode([90, 200], 2, 3, (24, 40), reference.NSAConfig(8, 4, 16, 4, 1, 2, 24), (1, 2, 16), 3)
+@pytest.mark.parametrize("columns, pre_merge_splits", [(16, 10**9), (128, 1), (16, 1)])
+def test_decode_combine_variants(monkeypatch, columns, pre_merge_splits):
+    """The combine split over the value columns (``COMBINE_COLUMNS`` below BV: DV = 40 in slices of 16, the last
+    partly past DV), and the compressed partials merged by the select kernel's spare programs (``PRE_MERGE_SPLITS``
+    forced down to the 3 splits of this cache; the short sequence's last split is empty)."""
+    monkeypatch.setattr(decode, "COMBINE_COLUMNS", columns)
+    monkeypatch.setattr(decode, "PRE_MERGE_SPLITS", pre_merge_splits)
+    _check_decode([580, 200], 2, 3, (24, 40), reference.NSAConfig(16, 4, 16, 4, 1, 1, 24), (1, 3, 16), 3)
 
 
 def _check_decode(prompts, steps, G, dims, config, splits, seed):

@@ -101,6 +101,8 @@ def test_decode_launch_variants() -> None:
         split_tiles=[2],
         split_blocks=[],
         tile_blocks=[32],
+        combine_columns=[64],
+        pre_merge_splits=[16],
         transposed=True,
     )
     *knobs, (label, launch, splits, replaced) = decode_launch.variants(args)
@@ -111,6 +113,9 @@ def test_decode_launch_variants() -> None:
         ("compressed num_stages=3", {"compressed": {"num_stages": 3}}, {}, {}),
         ("split_tiles=2", {}, {"split_tiles": 2}, {}),
         ("tile_blocks=32", {}, {"tile_blocks": 32}, {}),
+        ("combine_columns=64", {}, {}, {"COMBINE_COLUMNS": 64}),
+        ("pre_merge_splits=16", {}, {}, {"PRE_MERGE_SPLITS": 16}),
+        ("pre_merge_splits=16 combine_columns=64", {}, {}, {"PRE_MERGE_SPLITS": 16, "COMBINE_COLUMNS": 64}),
     ]
     assert (label, launch, splits) == ("compressed transposed", {}, {})
     assert [(name, kernel.fn.__name__) for name, kernel in replaced.items()] == [
@@ -184,14 +189,26 @@ def test_transposed_decode_compressed_pass_writes_what_production_writes(dtype: 
         torch.testing.assert_close(written[1][n], written[0][n], rtol=1e-3, atol=1e-3, equal_nan=True, msg=n)
 
 
-def test_decode_launch_runs_the_transposed_compressed_pass(tmp_path: Path) -> None:
-    """decode_launch.py --transposed: the step with swapab.py's compressed pass equals the eager step (the
-    script checks every variant before timing it and fails the run otherwise)."""
+def test_decode_launch_runs_its_variants(tmp_path: Path) -> None:
+    """decode_launch.py --transposed, --combine-columns, --pre-merge-splits: each variant's step equals the eager
+    step (the script checks every variant before timing it and fails the run otherwise), and the module's
+    constants are restored after each."""
+    import optimized.decode as kernels
+
     decode_launch = load_script("decode_launch")
     argv = ["--config", "tiny", "--contexts", "100", "--batches", "3", "--transposed", "--min-reps", "1"]
+    argv += ["--combine-columns", "16", "--pre-merge-splits", "1"]
+    before = (kernels.COMBINE_COLUMNS, kernels.PRE_MERGE_SPLITS)
     assert decode_launch.main([*argv, "--budget-ms", "1", "--out", str(tmp_path), "--device", str(DEVICE)]) == 0
+    assert (kernels.COMBINE_COLUMNS, kernels.PRE_MERGE_SPLITS) == before
     records = json.loads((tmp_path / "decode_launch.json").read_text())["records"]
-    assert [(r["variant"], r["status"]) for r in records] == [("default", "ok"), ("compressed transposed", "ok")]
+    assert [(r["variant"], r["status"]) for r in records] == [
+        ("default", "ok"),
+        ("combine_columns=16", "ok"),
+        ("pre_merge_splits=1", "ok"),
+        ("pre_merge_splits=1 combine_columns=16", "ok"),
+        ("compressed transposed", "ok"),
+    ]
 
 
 def test_launch_recorder_records_tma_descriptors_and_only_library_kernels() -> None:
