@@ -10,7 +10,9 @@ sits at the 255-register cap is a lead for the next GPU profile, not a verdict: 
 
 ``--sass`` disassembles each config (nvdisasm) and counts its instructions: a static measure, useful to
 compare two versions of a kernel that is bound by instruction issue (the selection: docs/performance.md),
-not a timing. ``--sass-dir DIR`` also writes the ``.sass`` files there.
+not a timing. It also gives the hot path (the code before the first unpredicated ``EXIT``; after it, the
+compiler's fallback for divergent shuffles) and the body of each of its loops, so that a change can be
+judged per loop iteration (e.g. per chunk of the selection). ``--sass-dir DIR`` also writes the ``.sass`` files.
 """
 
 from __future__ import annotations
@@ -140,8 +142,8 @@ def _signature(fn: JITFunction, constexprs: dict, overrides: dict[str, str]) -> 
     return sig
 
 
-def sass_counts(cubin: bytes, save_as: str | None = None) -> collections.Counter:
-    """Instructions of a compiled kernel by opcode (nvdisasm of the cubin; predicates and modifiers dropped)."""
+def disassemble(cubin: bytes, save_as: str | None = None) -> str:
+    """The SASS of a compiled kernel (nvdisasm of the cubin), also written to ``save_as`` if given."""
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(cubin)
     sass = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
@@ -149,8 +151,37 @@ def sass_counts(cubin: bytes, save_as: str | None = None) -> collections.Counter
     if save_as:
         with open(save_as, "w") as f:
             f.write(sass)
-    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
-    return collections.Counter(ops)
+    return sass
+
+
+_OPCODE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def sass_counts(sass: str) -> collections.Counter:
+    """Instructions by opcode (predicates and modifiers dropped)."""
+    return collections.Counter(_OPCODE.findall(sass))
+
+
+def hot_loops(sass: str) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """The hot path (instructions before the first unpredicated EXIT: the cold code after it handles divergent
+    shuffles) and its loops, each a backward branch: (first instruction, body size, barriers, shuffles)."""
+    labels, code = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        op = _OPCODE.search(line)
+        if label:
+            labels[label.group(1)] = len(code)
+        elif op:
+            code.append((op.group(1), line))
+            if op.group(1) == "EXIT" and "@" not in line:
+                break
+    loops = []
+    for end, (op, line) in enumerate(code):
+        target = re.search(r"`\((\.L_x_\d+)\)", line) if op == "BRA" else None
+        if target and labels.get(target.group(1), end + 1) <= end:
+            body = [o for o, _ in code[labels[target.group(1)] : end + 1]]
+            loops.append((labels[target.group(1)], len(body), body.count("BAR"), body.count("SHFL")))
+    return len(code), sorted(loops)
 
 
 def report(name: str, sass: bool = False, sass_dir: str | None = None) -> None:
@@ -195,10 +226,14 @@ def report(name: str, sass: bool = False, sass_dir: str | None = None) -> None:
         print(f"{label}  regs {regs:>3s}  spill stores {spill:>5s} B  smem {compiled.metadata.shared // 1024:3d} KiB")
         if sass or sass_dir:
             path = os.path.join(sass_dir, f"{name}_w{cfg.num_warps}_s{cfg.num_stages}.sass") if sass_dir else None
-            ops = sass_counts(compiled.asm["cubin"], path)
+            code = disassemble(compiled.asm["cubin"], path)
+            ops = sass_counts(code)
             top = " ".join(f"{op}:{n}" for op, n in ops.most_common(12))
             mma = f"HMMA {ops['HMMA']}, HGMMA {ops['HGMMA']}, UTMALDG {ops['UTMALDG']}"
             print(f"    sass: {sum(ops.values())} instructions, {ops['BAR']} barriers, {mma}; {top}")
+            hot, loops = hot_loops(code)
+            nest = ", ".join(f"@{start}: {n} ({bars} BAR, {shfl} SHFL)" for start, n, bars, shfl in loops)
+            print(f"    hot path: {hot} instructions; loops (first instruction: body): {nest or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,15 +66,20 @@ def test_check_configs_passes_and_catches(monkeypatch: pytest.MonkeyPatch, capsy
 
 
 def test_spills_reports_registers_and_sass(tmp_path: Path) -> None:
-    """spills.py compiles a kernel for sm_90 on the CPU, reports ptxas' registers and counts its SASS (in its own
-    process: this one runs the kernels in the interpreter, where they cannot be compiled)."""
+    """spills.py compiles a kernel for sm_90 on the CPU, reports ptxas' registers and counts its SASS, on its hot
+    path and per loop (in its own process: this one runs the kernels in the interpreter, where they cannot be
+    compiled)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = [sys.executable, str(SCRIPTS / "spills.py")]
-    done = subprocess.run([*run, "decode_select", "--sass-dir", str(tmp_path)], env=env, capture_output=True, text=True)
+    argv = [*run, "decode_select", "decode_compressed", "--sass-dir", str(tmp_path)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "decode_select" in done.stdout and "regs" in done.stdout and "spill stores" in done.stdout
     counts = [int(n) for n in re.findall(r"sass: (\d+) instructions", done.stdout)]
-    assert counts and all(n > 100 for n in counts)
+    hot = [int(n) for n in re.findall(r"hot path: (\d+) instructions", done.stdout)]
+    assert len(counts) == len(hot) == 2 and all(100 < h <= n for h, n in zip(hot, counts))
+    loops = re.findall(r"@(\d+): (\d+) \((\d+) BAR", done.stdout.split("decode_compressed")[-1])
+    assert loops and all(0 < int(body) < hot[-1] for _, body, _ in loops)  # the pass's loop over its tiles
     assert any(path.read_text().count("BAR.SYNC") for path in tmp_path.glob("decode_select_*.sass"))
     bad = subprocess.run([*run, "no_such_kernel"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "kernel must be one of" in bad.stderr
