@@ -5,6 +5,7 @@
 #   scripts/gpu_check.sh env tests sanitize   # correctness only (~5-7 min)
 #   scripts/gpu_check.sh env bench decode bounds  # performance only (~6-9 min)
 #   scripts/gpu_check.sh env ab               # same-card A/B of AB_CMD against ab_base/ (scripts/ab_prepare.sh)
+#   AB_PATCH=benchmarks/candidates/X.patch scripts/gpu_check.sh env tests ab   # a candidate: tests, then A/B vs this tree
 #   scripts/gpu_check.sh env profile          # device time per kernel (scripts/kernel_times.py, PROFILE_ARGS)
 #   scripts/gpu_check.sh env configs          # every autotune config of every kernel (scripts/check_configs.py)
 #   scripts/gpu_check.sh env tiles            # the selected branch against its rows per program (selected_tiles.py)
@@ -22,7 +23,8 @@
 # SANITIZE_MATCH (only the sanitizer runs whose command contains it, e.g. "decode"),
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
 # BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags), AB_CMD and AB_TIMEOUT (90 s per run, twice that in round 1) for the ab step
-# (not in the default steps: it needs ab_base/ from scripts/ab_prepare.sh).
+# (not in the default steps: it needs ab_base/ from scripts/ab_prepare.sh, or AB_PATCH: a candidate patch that
+# this tree, copied to ab_base/ first, is patched with before any step, so the tests run the candidate too).
 # TILES_ARGS and TILES_TIMEOUT (420 s: it autotunes each row tile) for the tiles step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +82,18 @@ if want env; then
     } >"$OUT/env.txt" 2>&1
     head -c 300 "$OUT/env.txt" | grep -m1 -o 'Driver Version: [0-9.]*' >>"$SUMMARY"
     grep -m1 '^python' "$OUT/env.txt" >>"$SUMMARY"
+fi
+
+if [[ -n ${AB_PATCH:-} ]]; then
+    # a candidate patch: main's code (this tree) becomes ab_base/, then the patch is applied to the tree, so that
+    # the tests and the ab step that follow run the candidate (no local scripts/ab_prepare.sh, no carry)
+    rm -rf ab_base && mkdir ab_base && cp -r optimized reference benchmarks scripts ab_base/
+    if (command -v git >/dev/null && git apply "$AB_PATCH") || patch -p1 --forward <"$AB_PATCH" >/dev/null; then
+        printf '%-34s %-14s\n' "patch $(basename "$AB_PATCH")" "applied" >>"$SUMMARY"
+    else
+        printf '%-34s %-14s\n' "patch $(basename "$AB_PATCH")" "FAILED" >>"$SUMMARY"
+        exit 1
+    fi
 fi
 
 if want tests; then
