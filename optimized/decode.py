@@ -89,10 +89,10 @@ Compress = Callable[[torch.Tensor], torch.Tensor]  # phi: [..., l, D] -> [..., D
 TILE_BLOCKS = 16  # selection blocks per tile of the compressed pass (tl.dot needs >= 16 columns)
 CMP_PROGRAMS_PER_SM = 3  # the compressed pass: one wave of programs (about 3 fit on an SM at D = 128)
 SPARSE_PROGRAMS_PER_SM = 2  # the sparse pass: at least this many programs per SM
-COMBINE_COLUMNS = 128  # value columns per program of the combine (fewer: more programs, each merging a slice)
-# from this many compressed splits on, spare programs of the select kernel merge them (None: never; a candidate,
-# benchmarks/README.md, fourteenth session)
-PRE_MERGE_SPLITS: int | None = None
+COMBINE_COLUMNS = 64  # value columns per program of the combine (fewer: more programs, each merging a slice)
+# from this many compressed splits on, spare programs of the select kernel merge them (None: never). Both timed
+# with scripts/decode_launch.py on the H100 at 64k (benchmarks/README.md, sixteenth session)
+PRE_MERGE_SPLITS: int | None = 16
 SELECT_ENTRIES = 32768  # the select kernel's sel entries in registers at once (128 a thread at 8 warps)
 # Launch options per kernel (no autotuning: a step takes microseconds and its grids are fixed per cache;
 # chosen from per-kernel timings at 64k, batch 1 and 32, on an H200).

@@ -15,14 +15,16 @@ walks the selection blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compres
    that spills into the next chunk's first selection block is carried in a ``[BT]`` vector;
 3. each block of the chunk gets an int64 key, all distinct: the score's float bits (non-negative floats
    order as integers; forced blocks ``+inf``) in the high word, ``2^31 - 1 - j`` in the low word, so that of
-   equal scores the lower index wins, as in the spec; non-candidates get negative keys. The chunk is merged
-   into a running top-``NP`` list ``[BT, NP]`` (descending) held in registers, by ranks: a key's rank in the
-   union is the count of greater keys (``[BT, BS, BS]`` and ``[BT, BS, NP]`` comparisons; a listed key's
-   rank is its slot plus the chunk keys above it), and slot ``r`` takes the key of rank ``r``. The merge is
-   skipped when no row of the tile has a chunk key above its list's worst.
+   equal scores the lower index wins, as in the spec; non-candidates get negative keys. Each row keeps the
+   ``NP`` best keys so far as a set ``[BT, NP]`` in registers (in any order) with its smallest, the *worst*.
+   A chunk goes in by rounds: in each, a row's best remaining chunk key takes the worst's slot if it beats it.
+   The rounds stop after ``n_up``, the most chunk keys of a row above its worst when the chunk arrives, which
+   bounds every row's insertions; once the set holds good keys most chunks need 0 to 3 rounds. With chunks
+   of 16 blocks or more (``G = 16``), a chunk that needs more than ``ROUNDS`` (4) is merged by ranks
+   instead: a key's rank in the union is the count of greater keys, and slot ``r`` takes the key of rank ``r``.
 
-At the end the first ``n`` slots are stored in ascending block order (rank by pairwise comparison) with ``-1``
-padding. Memory is ``O(T n)``: no ``[T, TC]`` or ``[T, NS]`` tensor is ever written, and the registers
+At the end each row's top ``n`` keys (rank by pairwise comparison) are stored in ascending block order, with
+``-1`` padding. Memory is ``O(T n)``: no ``[T, TC]`` or ``[T, NS]`` tensor is ever written, and the registers
 hold ``[BT, BS]`` scores and ``[BT, NP]`` list entries whatever the sequence length, so there is no
 limit on ``NS`` (128k tokens are 2048 blocks at ``l' = 64``). ``DK <= 256`` (one ``q`` tile).
 
@@ -30,13 +32,17 @@ Costs: the ``q k~^T`` products equal one compressed-attention forward's first ma
 pass, which needs the final log-sum-exp), and one ``exp2`` per (row, visible compressed block). Per
 compressed tile a program reads one ``[BK, BC]`` key tile; ``q`` is read once. The map adds
 ``BT * BC * BS`` multiply-adds per tile, once per group: a tf32x3 matmul when ``BT >= 16``, else a
-broadcast sum in fp32. The merge costs ``BT * BS * (BS + 3 NP) + BT * NP^2`` int64 comparisons per chunk;
-:func:`select_tiles` keeps the comparison tiles small enough that nothing spills at G = 16, 4, 2 or 1
-(``ptxas -v``: ``scripts/spills.py``). Measured (H100 at 64k, Nsight
-Compute, ``docs/performance.md``): the kernel is bound by integer instructions (the ALU pipe at 65%, 254
-registers, 12.5% occupancy), not by its matmuls or memory; hence the per-row visibility counts, the
-overlap weights built once per program, and no visibility mask on the tiles that every row sees whole (all
-but the last chunk's of a tile of positions: 128 of the ~900 instructions per tile, by SASS).
+broadcast sum in fp32. A round costs two reductions (a row's best chunk key, its new worst) and
+``BT * (2 BS + 2 NP)`` int64 comparisons and selects; a merge by ranks ``BT * BS * (BS + 3 NP) + 2 BT NP^2``.
+On random scores at 64k a chunk needs 3.7 rounds on average at G = 16 (16 blocks) and 2.4 at G = 4 (8
+blocks): by the SASS (93 and 137 instructions per thread a round, about 370 and 810 a merge), rounds alone
+would cost G = 16 as much as merging every chunk, and G = 4 less than half; rounds up to 4, else a merge,
+cost G = 16 about 230 per chunk. :func:`select_tiles` keeps the tiles small
+enough that nothing spills at G = 16, 4, 2 or 1 (``ptxas -v``: ``scripts/spills.py``). Measured (H100 at
+64k, Nsight Compute, ``docs/performance.md``, with the merge by ranks): the kernel is bound by integer
+instructions (the ALU pipe at 65%, 254 registers, 12.5% occupancy), not by its matmuls or memory; hence the
+per-row visibility counts, the overlap weights built once per program, and no visibility mask on the tiles
+that every row sees whole.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from ._sparse import sequence_lengths, sequence_tiles
 
 BIG = tl.constexpr(1 << 30)  # an index past every real block: sorts empty slots last
 IDX = tl.constexpr((1 << 31) - 1)  # a key's low 32 bits hold IDX - j for block j
+NONE = tl.constexpr(-(1 << 62))  # a key below every other: a chunk key already taken
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 
 
@@ -100,6 +107,7 @@ def select_blocks_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     NP: tl.constexpr,
+    ROUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """block_idx of BT positions of one sequence for kv head i_h (grid: query tiles x H).
@@ -114,6 +122,7 @@ def select_blocks_kernel(
     t0 = tl.load(tile_start + i_tile)
     R: tl.constexpr = LS // D  # compressed blocks starting in one selection block
     BM: tl.constexpr = BT * GP
+    RANK_MERGE: tl.constexpr = ROUNDS < BS  # a chunk that needs more than ROUNDS rounds is merged by ranks
 
     o_t = t0 + tl.arange(0, BT)  # [BT] packed positions
     m_t = o_t < eos
@@ -137,7 +146,8 @@ def select_blocks_kernel(
     p_q = q + o_rt.to(tl.int64)[:, None] * s_qt + o_rq[:, None] * s_qh + o_k[None, :]
     b_q = tl.load(p_q, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
     b_lse = tl.load(lse + o_rt.to(tl.int64) * s_lt + o_rq, mask=m_r, other=0.0)  # [BM]
-    b_list = (-1 - o_slot).to(tl.int64)[None, :] + tl.zeros([BT, NP], tl.int64)  # [BT, NP] top NP, descending
+    b_list = (-1 - o_slot).to(tl.int64)[None, :] + tl.zeros([BT, NP], tl.int64)  # [BT, NP] the top NP, any order
+    b_worst = tl.full([BT], -NP, tl.int64)  # [BT] the list's smallest key
     b_lse2 = b_lse * _LOG2E  # [BM]
     b_carry = tl.zeros([BT], tl.float32)
     # the overlap weights (Eq. 9) repeat from chunk to chunk (i + R and j + 1 overlap as i and j do): with one
@@ -184,30 +194,46 @@ def select_blocks_kernel(
         b_key = (b_cv.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (-o_j + IDX).to(tl.int64)[None, :]
         b_key = tl.where(m_cand, b_key, (-o_j - (NP + 1)).to(tl.int64)[None, :])  # [BT, BS]
 
-        # merge into the top-NP list (Eq. 11) when some row's chunk beats its list's worst: a key's rank in
-        # the union is the count of greater keys (the list's own ranks are its slots); slot r takes rank r
-        m_better = tl.max(b_key, axis=1) > tl.min(b_list, axis=1)  # [BT]
-        if tl.max(m_better.to(tl.int32), axis=0) > 0:
-            r_key = tl.sum((b_key[:, None, :] > b_key[:, :, None]).to(tl.int32), axis=2)  # [BT, BS] in the chunk
-            r_key += tl.sum((b_list[:, None, :] > b_key[:, :, None]).to(tl.int32), axis=2)  # + in the list
-            r_list = o_slot[None, :] + tl.sum((b_key[:, None, :] > b_list[:, :, None]).to(tl.int32), axis=2)
-            m_key = r_key[:, None, :] == o_slot[None, :, None]  # [BT, NP, BS]
-            m_list = r_list[:, None, :] == o_slot[None, :, None]  # [BT, NP, NP]
-            b_list = tl.sum(tl.where(m_key, b_key[:, None, :], 0), axis=2) + tl.sum(
-                tl.where(m_list, b_list[:, None, :], 0), axis=2
-            )  # [BT, NP] descending
+        # Eq. 11: while some row's best remaining chunk key beats its list's worst, it takes the worst's slot.
+        # n_up (the chunk keys above the worst before any insertion) bounds the insertions of every row.
+        n_up = tl.max(tl.sum((b_key > b_worst[:, None]).to(tl.int32), axis=1), axis=0)
+        if RANK_MERGE:
+            if n_up > ROUNDS:  # many: a key's rank in the union is the count of greater keys; slot r
+                # takes the key of rank r (the list then descending)
+                r_key = tl.sum((b_key[:, None, :] > b_key[:, :, None]).to(tl.int32), axis=2)  # [BT, BS]
+                r_key += tl.sum((b_list[:, None, :] > b_key[:, :, None]).to(tl.int32), axis=2)
+                r_list = tl.sum((b_list[:, None, :] > b_list[:, :, None]).to(tl.int32), axis=2)  # [BT, NP]
+                r_list += tl.sum((b_key[:, None, :] > b_list[:, :, None]).to(tl.int32), axis=2)
+                m_key = r_key[:, None, :] == o_slot[None, :, None]  # [BT, NP, BS]
+                m_list = r_list[:, None, :] == o_slot[None, :, None]  # [BT, NP, NP]
+                b_list = tl.sum(tl.where(m_key, b_key[:, None, :], 0), axis=2) + tl.sum(
+                    tl.where(m_list, b_list[:, None, :], 0), axis=2
+                )
+                b_worst = tl.min(b_list, axis=1)
+                n_up = 0
+        for _ in range(n_up):
+            b_best = tl.max(b_key, axis=1)  # [BT]
+            m_in = (b_list == b_worst[:, None]) & (b_best > b_worst)[:, None]  # [BT, NP] the slot it replaces
+            b_list = tl.where(m_in, b_best[:, None], b_list)
+            b_key = tl.where(b_key == b_best[:, None], NONE, b_key)  # taken, or below the list: out of the race
+            b_worst = tl.min(b_list, axis=1)
 
-    # the top N are the list's first N slots, the empty ones (negative keys) last: a block goes to its rank
-    # among them (the count of smaller ones), so they are stored ascending, with -1 in the empty slots
-    m_top = (o_slot < N)[None, :] & (b_list >= 0)  # [BT, NP]
+    # the top N of the list (by key, the count of greater ones), the empty ones (negative keys) out: a block goes
+    # to its rank among them (the count of smaller ones), so they are stored ascending, with -1 in the empty slots
+    b_krank = tl.sum((b_list[:, None, :] > b_list[:, :, None]).to(tl.int32), axis=2)  # [BT, NP]
+    m_top = (b_krank < N) & (b_list >= 0)  # [BT, NP]
     b_idx = tl.where(m_top, -(b_list & 0xFFFFFFFF) + IDX, BIG)
     b_rank = tl.sum((b_idx[:, None, :] < b_idx[:, :, None]).to(tl.int32), axis=2)  # [BT, NP]
-    b_rank = tl.where(m_top, b_rank, o_slot[None, :])
+    m_rest = (~m_top).to(tl.int32)  # [BT, NP] -1 fills the slots after the top ones, in list order
+    b_fill = tl.sum(m_top.to(tl.int32), axis=1)[:, None] + tl.cumsum(m_rest, axis=1) - m_rest
+    b_rank = tl.where(m_top, b_rank, b_fill)
     p_o = out + o_t.to(tl.int64)[:, None] * s_ot + i_h * s_oh + b_rank
-    tl.store(p_o, tl.where(m_top, b_idx, -1).to(tl.int32), mask=m_t[:, None] & (o_slot < N)[None, :])
+    tl.store(p_o, tl.where(m_top, b_idx, -1).to(tl.int32), mask=m_t[:, None] & (b_rank < N))
 
 
-def select_tiles(G: int, DK: int, n: int, R: int, bs: int | None = None, rows: int | None = None) -> dict[str, int]:
+def select_tiles(
+    G: int, DK: int, n: int, R: int, bs: int | None = None, rows: int | None = None, rounds: int | None = None
+) -> dict[str, int]:
     """The launch's tile sizes for group size ``G``, head dim ``DK``, ``n`` selected blocks, ``R = l' / d``.
 
     ``BT`` positions of ``GP`` rows: up to ``rows`` rows (default 128, 64 for DK > 128: the ``q`` tile stays in
@@ -216,6 +242,8 @@ def select_tiles(G: int, DK: int, n: int, R: int, bs: int | None = None, rows: i
     ``tl.dot``; chunks of ``BS`` selection blocks (``bs``, default ``NP``); compressed tiles of ``BC`` (at most
     8192 elements in the ``[BT, BC, BS]`` product of the broadcast map, used for ``BT < 16``). The default
     ``BS`` shrinks so that the ``[BT, NP, BS]`` comparisons stay at 2048 elements (G < 16 has 16 positions).
+    ``ROUNDS`` (``rounds``): the most insertion rounds of a chunk; a chunk that needs more is merged by ranks
+    (never when ``ROUNDS >= BS``).
     """
     GP, NP = triton.next_power_of_2(G), next_power_of_2(n, 2)
     BS = bs or NP
@@ -226,7 +254,9 @@ def select_tiles(G: int, DK: int, n: int, R: int, bs: int | None = None, rows: i
     BC = min(128, next_power_of_2(BS * R))
     if BT < 16:
         BC = min(BC, max(16, 8192 // (BT * BS)))
-    return {"GP": GP, "BT": BT, "BS": BS, "BC": BC, "BK": next_power_of_2(DK), "NP": NP}
+    if rounds is None:  # chunks of 16 blocks take many rounds early on: merged by ranks past 4 (module docstring)
+        rounds = 4 if BS >= 16 else BS
+    return {"GP": GP, "BT": BT, "BS": BS, "BC": BC, "BK": next_power_of_2(DK), "NP": NP, "ROUNDS": rounds}
 
 
 def select_blocks_fwd(
@@ -238,16 +268,17 @@ def select_blocks_fwd(
     cu_seqlens: torch.Tensor | None,
     bs: int | None = None,
     rows: int | None = None,
+    rounds: int | None = None,
 ) -> torch.Tensor:
     """Launch the fused selection. q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] -> [B, T, H, n] int32.
 
-    ``bs``, ``rows``: the chunk of selection blocks per merge and the most query rows per program (defaults:
-    :func:`select_tiles`'s; for experiments, ``scripts/selection_tiles.py``).
+    ``bs``, ``rows``, ``rounds``: the chunk of selection blocks, the most query rows per program and the most
+    insertion rounds of a chunk (defaults: :func:`select_tiles`'s; for experiments, ``scripts/selection_tiles.py``).
     """
     B, T, HQ, DK = q.shape
     H, n = k_cmp.shape[2], config.num_selected
     G = HQ // H
-    tiles = select_tiles(G, DK, n, config.select_block // config.compress_stride, bs, rows)
+    tiles = select_tiles(G, DK, n, config.select_block // config.compress_stride, bs, rows, rounds)
     cu, cu_c, tile_seq, tile_start = sequence_tiles(
         sequence_lengths(B, T, cu_seqlens), config, tiles["BT"], 1, q.device
     )

@@ -35,19 +35,30 @@ MULTI_TILE = problem(300, 1, 1, 16, 16, NSAConfig(2, 1, 16, 4, 1, 1), torch.floa
 # l'/d = 3: a chunk of 4 blocks is 12 compressed blocks in a tile of 16, so each tile passes its chunk's end;
 # with 16 rows per program, late tiles see the early chunks whole (where a kernel may skip the visibility mask)
 WHOLE_TILES = problem(96, 1, 1, 16, 16, NSAConfig(4, 4, 12, 4, 1, 1), torch.float32)
+# G = 16 (8 positions per program, chunks of 16 blocks, a top 16) over 175 selection blocks: with one round
+# allowed, chunks alternate between rounds (which leave the list out of order) and merges by ranks
+MIXED_CHUNKS = problem(700, 1, 16, 16, 16, NSAConfig(4, 2, 4, 16, 1, 2), torch.float32)
 
 
 @settings(max_examples=8)
-@given(sparse_problems(max_seq_len=96), st.sampled_from([None, 1, 2, 4, 16]), st.sampled_from([None, 16, 32]))
-@example(MULTI_TILE, 1, None)  # chunks of one block
-@example(MULTI_TILE, 16, None)  # chunks of 16 blocks = 256 compressed blocks: two tiles of 128 per chunk
-@example(MULTI_TILE, 4, 16)  # 16 rows per program
-@example(WHOLE_TILES, None, 16)  # tiles every row sees whole, and tiles that pass their chunk
-def test_selection_any_tiling(p: NSAProblem, bs: int | None, rows: int | None) -> None:
-    """Any chunk size and row limit (``select_tiles``' overrides) gives the reference's blocks."""
+@given(
+    sparse_problems(max_seq_len=96),
+    st.sampled_from([None, 1, 2, 4, 16]),
+    st.sampled_from([None, 16, 32]),
+    st.sampled_from([None, 0, 1]),
+)
+@example(MULTI_TILE, 1, None, None)  # chunks of one block
+@example(MULTI_TILE, 16, None, None)  # chunks of 16 blocks = 256 compressed blocks: two tiles of 128 per chunk
+@example(MULTI_TILE, 4, 16, None)  # 16 rows per program
+@example(WHOLE_TILES, None, 16, None)  # tiles every row sees whole, and tiles that pass their chunk
+@example(MIXED_CHUNKS, None, None, 1)  # chunks merged by ranks after rounds left the list out of order
+def test_selection_any_tiling(p: NSAProblem, bs: int | None, rows: int | None, rounds: int | None) -> None:
+    """Any chunk size, row limit and rounds before a merge (``select_tiles``' overrides) gives the reference's
+    blocks."""
 
     def select(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, config: NSAConfig, **kw) -> torch.Tensor:
-        return select_blocks_fwd(q, k_cmp, lse, config, q.shape[-1] ** -0.5, kw.get("cu_seqlens"), bs, rows)
+        scale = q.shape[-1] ** -0.5
+        return select_blocks_fwd(q, k_cmp, lse, config, scale, kw.get("cu_seqlens"), bs, rows, rounds)
 
     check_against_reference("select_blocks", select, p, device=DEVICE)
 
