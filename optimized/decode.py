@@ -44,15 +44,18 @@ One step is four kernels:
    group: online softmax over the tile's keys (partial $m, \ell, acc$ of the compressed branch), and per head
    $g$ and selection block $j$ of the tile $u_{gj} = \sum_i w_{ij}\, 2^{s_{gi} - r_g}$ (Eq. 8-9 before the
    normalisation), with the tile's maximum score $r_g$.
-2. ``decode_select_kernel``, grid $(B, H)$: merges the partial log-sum-exps, finishes Eq. 8-10
+2. ``decode_select_kernel``, grid $(B, H)$, or $(B, H + H_Q)$ when the cache has ``PRE_MERGE_SPLITS`` or more
+   compressed splits (batch 1 at long contexts; the extra programs merge each query head's compressed
+   partials into one row while the selection runs): merges the partial log-sum-exps, finishes Eq. 8-10
    $p_j = \sum_g 2^{r_g - \mathrm{lse}_g}\, u_{gj}$ and picks the top $n$ with the forced blocks (Eq. 11) by one
    bitonic ``tl.topk`` over the row of $\lceil (t + 1) / l' \rceil$ candidates (1024 at 64k), packed as
    (score, index) keys. The row stays in registers, and the loads do not wait for the sequence's length:
    the entries past its candidates are masked out after loading.
 3. ``decode_sparse_kernel``, grid $(B, H, S_S)$: each split attends to ``split_blocks`` selected blocks or
    ``split_blocks`` $\cdot\, l'$ keys of the window, writing a partial.
-4. ``decode_combine_kernel``, grid $(B, H_Q)$: merges the partials of each branch per query head and
-   applies the gates (Eq. 5).
+4. ``decode_combine_kernel``, grid $(B, H_Q, B_V / C)$ ($B_V$: $D_V$ rounded up to a power of two, $C$:
+   ``COMBINE_COLUMNS``, at most $B_V$): merges the partials of each branch per query head (the compressed
+   branch's already merged row, with the pre-merge) and applies the gates (Eq. 5), for $C$ value columns.
 
 The selection cannot fold into the combine (the sparse pass needs its block indices first), so four
 launches is the minimum for this dependency chain without inter-program synchronisation or redundant work
