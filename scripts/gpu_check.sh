@@ -20,7 +20,7 @@
 # Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s: every test process ends by then;
 # the files run in parallel, their large-shape parts one after another on a card under 100 GB), TEST_FILES,
 # HYPOTHESIS_PROFILE (gpu), SANITIZE_TIMEOUT (90 s per run),
-# SANITIZE_MATCH (only the sanitizer runs whose command contains it, e.g. "decode"),
+# SANITIZE_MATCH (only the sanitizer runs whose command matches this extended regex, e.g. "sparse|decode"),
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
 # BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags), AB_CMD and AB_TIMEOUT (90 s per run, twice that in round 1) for the ab step
 # (not in the default steps: it needs ab_base/ from scripts/ab_prepare.sh, or AB_PATCH: a candidate patch that
@@ -149,7 +149,7 @@ if want sanitize; then
     SANITIZE_RUNS=("scripts/sanitize_dense.py" "scripts/sanitize_sparse.py"
         "-m pytest tests/test_optimized_decode.py -q -p no:cacheprovider -p no:randomly -k equals_parallel")
     for run in "${SANITIZE_RUNS[@]}"; do
-        [[ $run == *"${SANITIZE_MATCH:-}"* ]] || continue
+        [[ $run =~ ${SANITIZE_MATCH:-.} ]] || continue
         name=$(basename "$(awk '{ print ($1 == "-m") ? $3 : $1 }' <<<"$run")")
         if [[ -z $SANITIZER ]]; then
             printf '%-34s %-14s\n' "sanitize $name" "SKIPPED no compute-sanitizer" >>"$SUMMARY"
