@@ -24,6 +24,8 @@
 #   block is loaded from memory once for all of them.
 # * How to run the `optimized` kernels next to the `reference` (same function names, same arguments)
 #   and measure the error per branch, on a CPU through the Triton interpreter.
+# * How the selection kernel keeps each query's top-`n` blocks while it streams their scores, and why
+#   a random stream needs few insertions.
 # * Where to find the GPU benchmark results.
 #
 # The Triton interpreter (`TRITON_INTERPRET=1`) runs `@triton.jit` kernels on CPU tensors, one
@@ -203,6 +205,67 @@ print(f"union size over all {union_sizes.size} programs: mean {union_sizes.mean(
 # the overlap weights and keeps a running top-`n`, so the `[T, NS]` score matrix is never written to
 # memory.
 #
+# ## How the selection keeps its top-n while it streams
+#
+# The selection kernel never holds a query's whole row of block scores (1024 blocks at 64k tokens):
+# it sees them in *chunks* of `BS` blocks (16 at `G = 16`) and keeps the `n` best so far as an
+# unordered set, with its smallest entry, the *worst*. A chunk goes in by **rounds**: in each round a
+# row's best remaining chunk key replaces the worst if it beats it. The kernel runs `n_up` rounds, the
+# most chunk keys of a row above its worst when the chunk arrives, so a chunk that improves no row
+# costs one count and no round.
+#
+# Why this is cheap: if the scores come in random order, the `k`-th key is among the `n` best so far
+# with probability `min(1, n / k)`, so a chunk that arrives after `m` keys brings at most
+# `sum over k in (m, m + BS] of min(1, n / k)` new entries on average (a key can also enter and leave
+# within its chunk): `BS` at first, then fewer and fewer. Over a row of `N` keys that is at most about
+# `n (1 + ln(N / n))` insertions, not `N`. A program holds 8 positions (rows) at `G = 16` and runs the
+# rounds for all of them, so its `n_up` is the largest of its rows'. The simulation below streams
+# 320 random rows of 1024 blocks (`n = 16`, `BS = 16`; the forced blocks left out), 8 rows to a
+# program, and compares the insertions and the rounds per chunk with that sum. The kernel merges a
+# chunk *by ranks* instead when it needs more than `ROUNDS = 4` rounds (the first chunks of a row).
+
+# %%
+N_BLK, N_SEL, BS, ROUNDS, ROWS, BT = 1024, 16, 16, 4, 320, 8
+
+
+def stream_top_n(row_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per chunk of one row: n_up (its keys above the set's worst) and the keys that enter the top-n."""
+    top = np.full(N_SEL, -1.0)  # the set; -1: an empty slot
+    n_up, inserted = [], []
+    for c0 in range(0, N_BLK, BS):
+        chunk = row_scores[c0 : c0 + BS]
+        n_up.append((chunk > top.min()).sum())
+        new_top = np.sort(np.concatenate([top, chunk]))[-N_SEL:]
+        inserted.append(np.isin(chunk, new_top).sum())
+        top = new_top
+    return np.array(n_up), np.array(inserted)
+
+
+n_up, inserted = map(np.stack, zip(*(stream_top_n(row) for row in np.random.default_rng(0).random((ROWS, N_BLK)))))
+kth = np.arange(1, N_BLK + 1)
+expected = np.minimum(1.0, N_SEL / kth).reshape(-1, BS).sum(1)  # per chunk
+rounds = n_up.reshape(ROWS // BT, BT, -1).max(1)  # [programs, chunks] the rounds a program runs
+
+fig, ax = plt.subplots(figsize=(8, 3.2))
+m_seen = np.arange(0, N_BLK, BS)
+ax.plot(m_seen, rounds.mean(0), "o", ms=3, label=f"n_up of a program of {BT} rows (its rounds)")
+ax.plot(m_seen, inserted.mean(0), "s", ms=3, label="keys that enter a row's top-n")
+ax.plot(m_seen, expected, "k-", lw=1, label="bound: sum of min(1, n / k)")
+ax.axhline(ROUNDS, color="grey", ls=":", label=f"ROUNDS = {ROUNDS}: more is merged by ranks")
+ax.set(xlabel="keys seen before the chunk (m)", ylabel="per chunk (mean)", yscale="log")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+print(f"insertions per row: {inserted.sum(1).mean():.1f} (n (1 + ln(N / n)) = "
+      f"{N_SEL * (1 + np.log(N_BLK / N_SEL)):.1f}, of {N_BLK} keys); rounds per chunk and program "
+      f"{rounds.mean():.2f}; chunks merged by ranks {np.mean(rounds > ROUNDS):.1%}")
+
+# %% [markdown]
+# Real rows are not random: trained models score neighbouring blocks alike, and the forced blocks (the
+# first one, the two local ones) enter with an infinite score. `scripts/selection_rounds.py` replays
+# the kernel's rule on the benchmark's tiles, and the performance log in `benchmarks/README.md` has the
+# measured gain (H100, 64k: `default` 13.7 -> 13.0 ms, `G = 4` 10.5 -> 6.5 ms).
+#
 # ## Running the kernels against the reference
 #
 # Same inputs, same call, `optimized` instead of `reference`. `return_aux=True` returns every branch,
@@ -274,7 +337,7 @@ for png in pngs:
 #   kernel; redraw the tile and check that nothing is computed and masked except after `t`.
 # * Give every position in a tile a different random block list (random `block_idx`, respecting
 #   causality) and watch the union, and the wasted grey area, grow.
-# * Read `optimized/selected.py`: find the `while i_blk < BIG` loop that walks the union, and the
-#   mask `m_s` drawn above.
+# * Read `optimized/selected.py`: find the `for i_u in range(0, n_union)` loop that walks the union,
+#   and the mask `m_s` drawn above.
 # * On a GPU, compare float32 and bfloat16 errors, and time `optimized.nsa_attention` against the
 #   reference at `T = 8192`.
