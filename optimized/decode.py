@@ -467,7 +467,8 @@ class DecodeCache:
     ``l'``-key pieces of the window, per split of the sparse pass) default to sizes that give about four
     programs per SM; tests force them small to exercise the merges. ``tile_blocks`` (a power of two >= 16,
     default ``TILE_BLOCKS``): selection blocks per tile of the compressed pass, whose keys one loop
-    iteration loads (``scripts/decode_launch.py --tile-blocks`` times larger tiles).
+    iteration loads (``scripts/decode_launch.py --tile-blocks`` times larger tiles). ``pre_merge``: whether a
+    step's select kernel also merges the compressed partials (``PRE_MERGE_SPLITS`` when the cache was built).
     """
 
     def __init__(
@@ -524,6 +525,8 @@ class DecodeCache:
             split_tiles = triton.cdiv(self.num_tiles, min(self.num_tiles, max(1, CMP_PROGRAMS_PER_SM * sms // (B * H))))
         self.split_tiles = split_tiles
         self.num_cmp_splits = triton.cdiv(self.num_tiles, split_tiles)
+        # the select kernel's spare programs merge the compressed partials (PRE_MERGE_SPLITS when the cache is built)
+        self.pre_merge = PRE_MERGE_SPLITS is not None and self.num_cmp_splits >= PRE_MERGE_SPLITS
         if split_blocks is None:  # fewer, longer splits (fewer partials to write and merge) while the GPU stays full
             split_blocks, target = 1, SPARSE_PROGRAMS_PER_SM * sms
             while 2 * split_blocks <= config.num_selected and B * H * self._sparse_splits(2 * split_blocks) >= target:
@@ -544,17 +547,19 @@ class DecodeCache:
             B, _, _, DV = self.v_slc.shape
             HQ, BV, NC, NP = num_q_heads, next_power_of_2(DV), self.num_cmp_splits, self.num_sparse_splits
             empty = lambda *shape: torch.empty(*shape, dtype=torch.float32, device=self.lengths.device)
-            self._workspaces[num_q_heads] = {
+            ws = {
                 "cmp_m": empty(B, HQ, NC),  # compressed pass: partial (max, sum, acc) per split
                 "cmp_l": empty(B, HQ, NC),
                 "cmp_acc": empty(B, HQ, NC, BV),
-                "cmp_o": empty(B, HQ, BV),  # the compressed branch's output, when the select kernel merges it
                 "sel": empty(B, HQ, self.num_tiles * self.tile_blocks),  # per head and selection block, Eq. 8-9
                 "sel_ref": empty(B, HQ, self.num_tiles),  # per head and tile: the max score u is relative to
                 "part_m": empty(B, HQ, NP),  # sparse pass: partial (max, sum, acc) per split
                 "part_l": empty(B, HQ, NP),
                 "part_acc": empty(B, HQ, NP, BV),
             }
+            if self.pre_merge:
+                ws["cmp_o"] = empty(B, HQ, BV)  # the compressed branch's output, merged by the select kernel
+            self._workspaces[num_q_heads] = ws
         return self._workspaces[num_q_heads]
 
     @property
@@ -664,9 +669,10 @@ def decode_attention(
         ws["sel_ref"], scale, cache.k_cmp.shape[1], NT, cache.split_tiles, H=H, G=G, DK=DK, DV=DV, L=L, D=D, LS=LS,
         NC=NC, BG=BG, BK=BK, BV=BV, BJ=BJ, BH=BH, DOT_PRECISION=precision, **LAUNCH["compressed"],
     )  # fmt: skip
-    pre_merge = PRE_MERGE_SPLITS is not None and NC >= PRE_MERGE_SPLITS
+    pre_merge = cache.pre_merge
+    cmp_o = ws["cmp_o"] if pre_merge else ws["cmp_acc"]  # cmp_acc stands in for the pointer: never read then
     decode_select_kernel[(B, H + HQ * pre_merge)](
-        cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], block_idx, ws["cmp_acc"], ws["cmp_o"],
+        cache.lengths, ws["cmp_m"], ws["cmp_l"], ws["sel"], ws["sel_ref"], block_idx, ws["cmp_acc"], cmp_o,
         NT, H=H, G=G, LS=LS, N_SEL=n, N_INIT=config.num_initial, N_LOCAL=config.num_local, NC=NC, BG=BG,
         BGC=min(BG, max(1, SELECT_ENTRIES // NSP)), BP=_pow2_at_most(NC, 64), BJ=BJ, NSP=NSP, BSEL=BSEL, BV=BV,
         PRE_MERGE=pre_merge, **LAUNCH["select"],
@@ -679,7 +685,7 @@ def decode_attention(
     )  # fmt: skip
     BVC = min(BV, COMBINE_COLUMNS)
     decode_combine_kernel[(B, HQ, BV // BVC)](
-        ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], ws["cmp_o"], ws["part_m"], ws["part_l"], ws["part_acc"], gates, o,
+        ws["cmp_m"], ws["cmp_l"], ws["cmp_acc"], cmp_o, ws["part_m"], ws["part_l"], ws["part_acc"], gates, o,
         HQ=HQ, DV=DV, NC=NC, NSS=NSS, NSPLIT=NSPLIT, BPC=_pow2_at_most(NC, 32), BPS=_pow2_at_most(NSS, 32),
         BPW=_pow2_at_most(NSPLIT - NSS, 32), BV=BV, BVC=BVC, PRE_MERGE=pre_merge, **LAUNCH["combine"],
     )  # fmt: skip

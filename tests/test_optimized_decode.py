@@ -167,6 +167,9 @@ def test_split_sizes_fill_the_gpu():
     many = DecodeCache(32, 65536, 4, 128, config=config, device="meta")
     assert (many.split_tiles, many.num_cmp_splits) == (22, 3)  # 128 * 3 programs of 1408 keys: one wave
     assert (many.split_blocks, many.num_sparse_splits) == (8, 2 + 1)  # 128 * 3 programs
+    # the pre-merge (and its merged row in the workspace) only where the compressed splits are many
+    assert (one.pre_merge, "cmp_o" in one.workspace(64)) == (True, True)
+    assert (many.pre_merge, "cmp_o" in many.workspace(64)) == (False, False)
     with pytest.raises(ValueError, match="split_tiles"):
         DecodeCache(1, 64, 1, 16, config=config, device="meta", split_tiles=0)
     wide = DecodeCache(1, 65536, 4, 128, config=config, device="meta", tile_blocks=32)
