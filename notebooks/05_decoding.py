@@ -252,7 +252,8 @@ plt.show()
 # Tokens read is the right proxy only when the step is limited by memory bandwidth. A real step also pays a
 # fixed latency: the optimized step (`optimized.decode`) is four dependent kernels, each of which must start,
 # read its inputs and finish before the next one can begin. The cell below loads the decode benchmark's
-# results that this repository commits (an H200, `benchmarks/results/h200/`), and fits each batch size's
+# results that this repository commits (an H100, `benchmarks/results/decode.json`: contexts 8k-128k at batch 1, 8
+# and 32, the current kernels), and fits each batch size's
 # step time to `fixed + bytes / bandwidth` (`benchmarks.plot.latency_model`).
 
 # %%
@@ -260,8 +261,7 @@ import json
 
 from benchmarks.plot import decode_rows, latency_model
 
-files = sorted((ROOT / "benchmarks" / "results" / "h200").glob("decode_*.json"))
-rows = decode_rows([json.loads(f.read_text()) for f in files])
+rows = decode_rows([json.loads((ROOT / "benchmarks" / "results" / "decode.json").read_text())])
 fits = latency_model(rows)
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
 for i, (batch, fit) in enumerate(fits.items()):
@@ -277,7 +277,7 @@ for i, (batch, fit) in enumerate(fits.items()):
 ax2.plot(ctx, [rows[keys[0][0], c]["tokens_ratio"] for c in ctx], "k:", label="tokens read, full / NSA")
 ax2.axhline(1, color=FULL_COLOR, lw=0.8)
 ax1.set(xscale="log", yscale="log", xlabel="MB the NSA step must read", ylabel="µs per step",
-        title="NSA step time against its bytes (H200)")
+        title="NSA step time against its bytes (H100)")
 ax2.set(xscale="log", xlabel="context length s", ylabel="speed-up over full attention",
         title="Measured speed-up against the tokens-read ideal")
 for ax in (ax1, ax2):
@@ -288,10 +288,10 @@ for batch, fit in fits.items():
     print(f"batch {batch:2d}: step = {fit['fixed_us']:.1f} us + bytes / {fit['tbps']:.2f} TB/s")
 
 # %% [markdown]
-# At batch 1 the fixed part (about 14 µs) is most of the step: the step takes about as long at 8k as at 32k,
+# At batch 1 the fixed part (about 13 µs) is most of the step: the step takes about as long at 8k as at 32k,
 # and at 8k it is slower than full attention, which reads its small cache in one efficient kernel. At batch 32
 # the bytes dominate and the measured speed-up follows the tokens-read ideal from below: the marginal
-# bandwidth (2.8 TB/s) is what separates them. Two different engineering problems, one per regime: fewer or
+# bandwidth (2.6 TB/s, against the 3.0 TB/s the card copies) is what separates them. Two different engineering problems, one per regime: fewer or
 # shorter dependent launches for a single sequence, closer to the copy bandwidth for a batch.
 #
 # ## What to try next
