@@ -291,8 +291,9 @@ for batch, fit in fits.items():
 # At batch 1 the fixed part (about 13 µs) is most of the step: the step takes about as long at 8k as at 32k,
 # and at 8k it is slower than full attention, which reads its small cache in one efficient kernel. At batch 32
 # the bytes dominate and the measured speed-up follows the tokens-read ideal from below: the marginal
-# bandwidth (2.6 TB/s, against the 3.0 TB/s the card copies) is what separates them. Two different engineering problems, one per regime: fewer or
-# shorter dependent launches for a single sequence, closer to the copy bandwidth for a batch.
+# bandwidth (2.6 TB/s, against the 3.0 TB/s the card copies) is what separates them. Two different
+# engineering problems, one per regime: fewer or shorter dependent launches for a single sequence, closer to
+# the copy bandwidth for a batch.
 #
 # ## What to try next
 #
