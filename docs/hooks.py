@@ -228,8 +228,14 @@ def _bench_tables(data: dict) -> str:
         '!!! info "Measured: generated from `benchmarks/results/bench.json` when this site was built"',
         "    " + ", ".join(f"{k}: `{env[k]}`" for k in keys if env.get(k)),
         f"    {'(the run stopped early: some lengths are missing)' if data.get('stopped_early') else ''}",
-        "",
     ]
+    runs = data.get("runs", [])
+    if len(runs) > 1:  # a merge (python -m benchmarks.plot --merged): each (config, length) comes from one run
+        lines.append(f"    Merged from {len(runs)} runs on this card; each config and length from one of them:")
+        for run in runs:
+            argv = " ".join(run.get("argv") or [])
+            lines.append(f"    `{run.get('git_commit')}` at {run.get('timestamp_utc')}: `{argv}`;")
+    lines.append("")
     records = data.get("records", [])
     for cfg in data.get("configs", []):
         name = cfg.get("name", "?")
