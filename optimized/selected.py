@@ -59,6 +59,7 @@ from ._common import (
     attn_bwd_dq_step,
     attn_fwd_finish,
     attn_fwd_step,
+    attn_fwd_update,
     autotune_configs,
     check_kernel_dtype,
     device_tensor,
@@ -185,6 +186,141 @@ def selected_fwd_kernel(
         b_cmp = tl.load(o_cmp + p_o, mask=m_o, other=0.0)  # [BM, BV]
         b_win = tl.load(o_win + p_o, mask=m_o, other=0.0)
         b_y = gated_sum(gates, o_row, m_r, b_cmp, b_o, b_win)  # [BM, BV] fp32
+        tl.store(o_gated + p_o, b_y.to(o_gated.dtype.element_ty), mask=m_o)
+
+
+@triton.autotune(
+    configs=autotune_configs({"BM": (64, 128)}, num_warps=(4, 8), num_stages=(1, 2), interpreter={"BM": 16}),
+    key=_TUNE_KEY,
+)
+@triton.jit
+def selected_fwd_block_kernel(
+    q,  # [TT, HQ, DK]
+    k,  # [TT, H, DK]
+    v,  # [TT, H, DV]
+    o_part,  # [TT * H * N * G, DV] q's dtype: each (entry, head)'s output over its one block, normalised
+    lse_part,  # [TT * H * N * G] float32: its log-sum-exp (natural log)
+    work_key,  # [W] int32: kv head * NB + global block of each chunk (``invert_blocks``)
+    work_start,  # [W] int32: the chunk's first entry in `entry_of`
+    work_end,  # [W] int32: one past its last (<= start for an empty chunk)
+    entry_of,  # [TT * H * N] int32: the entries (t H + h) N + j of block_idx, grouped by (head, block)
+    block_start,  # [NB] int32: first packed token of every global block
+    block_end,  # [NB] int32: one past its last
+    scale,
+    NB,
+    TUNE_T,  # the autotuner's size bucket (_TUNE_KEY), not read
+    H: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    LS: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    BN: tl.constexpr,
+    BM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Block-major forward, pass 1: one selected block against one chunk of the queries that selected it (all G
+    heads). The block's K and V are loaded once; each row's attention over this block alone is stored as a
+    partial (o normalised, lse), for ``selected_fwd_merge_kernel`` to merge over the row's n blocks."""
+    i_w = tl.program_id(0)
+    e0, e1 = tl.load(work_start + i_w), tl.load(work_end + i_w)
+    if e0 < e1:
+        i_key = tl.load(work_key + i_w)
+        i_h, i_blk = i_key // NB, i_key % NB
+        s0, s1 = tl.load(block_start + i_blk), tl.load(block_end + i_blk)
+        HQ: tl.constexpr = H * G
+        qk_scale = scale * _LOG2E
+        o_k, o_v, o_n, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN), tl.arange(0, BM)
+        m_dk, m_dv = o_k < DK, o_v < DV
+        o_s = s0 + o_n  # [BN] packed keys
+        m_n = o_s < s1
+        o_key = o_s.to(tl.int64) * H + i_h  # [BN]
+        b_kt = tl.load(k + o_key[None, :] * DK + o_k[:, None], mask=m_dk[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+        b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BV]
+        for r0 in range(0, (e1 - e0) * G, BM):
+            o_r = r0 + o_m  # [BM] rows (entry, head) of the chunk
+            m_r = o_r < (e1 - e0) * G
+            o_e = tl.load(entry_of + e0 + o_r // G, mask=m_r, other=0).to(tl.int64)  # [BM] entries (t H + h) N + j
+            o_t = o_e // (H * N)  # [BM] packed query positions
+            o_row = o_t * HQ + i_h * G + o_r % G  # [BM] index into [TT, HQ]
+            b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_r[:, None] & m_dk[None, :], other=0.0)
+            b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+            b_s = tl.where(m_n[None, :] & (o_s[None, :] <= o_t[:, None]), b_s, float("-inf"))  # causal: s <= t
+            b_m, b_l, b_acc = attn_fwd_update(
+                b_s,
+                b_v,
+                tl.full([BM], float("-inf"), dtype=tl.float32),
+                tl.zeros([BM], dtype=tl.float32),
+                tl.zeros([BM, BV], dtype=tl.float32),
+                DOT_PRECISION,
+            )
+            b_o, b_lse = attn_fwd_finish(b_m, b_l, b_acc)
+            o_part_row = o_e * G + o_r % G  # [BM] the (entry, head) row of the partials
+            p_o = o_part + o_part_row[:, None] * DV + o_v[None, :]
+            tl.store(p_o, b_o.to(o_part.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])
+            tl.store(lse_part + o_part_row, b_lse, mask=m_r)
+
+
+@triton.autotune(
+    configs=autotune_configs({"BR": (16, 32)}, num_warps=(4,), num_stages=(1, 2)), key=["G", "N", "BV", "TUNE_T"]
+)
+@triton.jit
+def selected_fwd_merge_kernel(
+    block_idx,  # [TT, H, N] int32, -1 padded
+    o_part,  # [TT * H * N * G, DV] (selected_fwd_block_kernel)
+    lse_part,  # [TT * H * N * G] float32
+    o,  # [TT, HQ, DV]
+    lse,  # [TT, HQ] float32
+    gates,  # [TT, HQ, 3] (GATED)
+    o_cmp,  # [TT, HQ, DV] (GATED)
+    o_win,  # [TT, HQ, DV] (GATED)
+    o_gated,  # [TT, HQ, DV] (GATED): Eq. 5's o
+    TT,
+    TUNE_T,  # the autotuner's size bucket (_TUNE_KEY), not read
+    H: tl.constexpr,
+    G: tl.constexpr,
+    N: tl.constexpr,
+    NP: tl.constexpr,
+    DV: tl.constexpr,
+    BV: tl.constexpr,
+    BR: tl.constexpr,
+    GATED: tl.constexpr,
+):
+    """Block-major forward, pass 2: o and lse of BR rows (t, g) of kv head h, the log-sum-exp merge of their
+    blocks' partials (slots with block -1 hold none); with GATED also Eq. 5, as ``selected_fwd_kernel``."""
+    i_r, i_h = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * BR + tl.arange(0, BR)  # [BR] rows t * G + g
+    m_r = o_r < TT * G
+    o_t = (o_r // G).to(tl.int64)
+    o_row = o_t * (H * G) + i_h * G + o_r % G  # [BR] index into [TT, HQ]
+    o_j, o_v = tl.arange(0, NP), tl.arange(0, BV)
+    m_dv = o_v < DV
+    m_rj = m_r[:, None] & (o_j < N)[None, :]
+    b_idx = tl.load(block_idx + (o_t * H + i_h)[:, None] * N + o_j[None, :], mask=m_rj, other=-1)  # [BR, NP]
+    o_part_row = ((o_t * H + i_h)[:, None] * N + o_j[None, :]) * G + (o_r % G)[:, None]  # [BR, NP]
+    b_lse_j = tl.load(lse_part + o_part_row, mask=b_idx >= 0, other=float("-inf"))  # [BR, NP]
+    b_max = tl.max(b_lse_j, axis=1)
+    b_max = tl.where(b_max == float("-inf"), 0.0, b_max)  # rows without a block: o 0, lse -inf
+    b_sum = tl.sum(tl.exp2((b_lse_j - b_max[:, None]) * _LOG2E), axis=1)  # [BR]
+    b_lse = tl.where(b_sum > 0, b_max + tl.log2(tl.where(b_sum > 0, b_sum, 1.0)) / _LOG2E, float("-inf"))
+    b_w_j = tl.exp2((b_lse_j - tl.where(b_sum > 0, b_lse, 0.0)[:, None]) * _LOG2E)  # [BR, NP] each slot's weight
+    b_acc = tl.zeros([BR, BV], dtype=tl.float32)
+    for j in tl.static_range(N):
+        b_w = tl.sum(tl.where(o_j[None, :] == j, b_w_j, 0.0), axis=1)  # [BR]
+        m_j = b_w > 0  # slot j holds a block that the row sees (a partial was written)
+        p_j = o_part + (((o_t * H + i_h) * N + j) * G + o_r % G)[:, None] * DV + o_v[None, :]
+        b_oj = tl.load(p_j, mask=(m_r & m_j)[:, None] & m_dv[None, :], other=0.0)  # [BR, BV]
+        b_acc += tl.where(m_j, b_w, 0.0)[:, None] * b_oj.to(tl.float32)
+    b_o = b_acc.to(o.dtype.element_ty)
+    p_o, m_o = o_row[:, None] * DV + o_v[None, :], m_r[:, None] & m_dv[None, :]
+    tl.store(o + p_o, b_o, mask=m_o)
+    tl.store(lse + o_row, b_lse, mask=m_r)
+    if GATED:  # Eq. 5, as combine_fwd_kernel
+        b_cmp = tl.load(o_cmp + p_o, mask=m_o, other=0.0)  # [BR, BV]
+        b_win = tl.load(o_win + p_o, mask=m_o, other=0.0)
+        b_y = gated_sum(gates, o_row, m_r, b_cmp, b_o, b_win)  # [BR, BV] fp32
         tl.store(o_gated + p_o, b_y.to(o_gated.dtype.element_ty), mask=m_o)
 
 
@@ -453,6 +589,10 @@ def ascending_blocks(block_idx: torch.Tensor) -> torch.Tensor:
     return torch.where(ordered == none, -1, ordered)
 
 
+BLOCK_MAJOR_MAX_GROUP = 4  # groups of at most this many query heads run the block-major forward
+FWD_CHUNK = 128  # query positions per program of the block-major forward (the interpreter: 64)
+
+
 def selected_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -463,24 +603,44 @@ def selected_attention_fwd(
     cu_seqlens: torch.Tensor | None,
     rows: int = TILE_ROWS,
     gated: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    block_major: bool | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, n] (ascending, -1 padded) ->
     o [B, T, HQ, DV], lse fp32. ``rows``: query rows per program (``_row_tiles``). ``gated`` = (gates [B, T, HQ,
-    3], o_cmp, o_win [B, T, HQ, DV]): the core's combine (Eq. 5) fused, returned third."""
+    3], o_cmp, o_win [B, T, HQ, DV]): the core's combine (Eq. 5) fused, returned third. ``block_major``: walk the
+    blocks instead of the query tiles (default: for groups of at most ``BLOCK_MAJOR_MAX_GROUP`` heads at the
+    default ``rows``)."""
     B, T, HQ, _ = q.shape
     H, DV, N = k.shape[2], v.shape[3], block_idx.shape[3]
     q2, k2, v2, idx2 = _packed(q, k, v, block_idx.to(torch.int32))
     lengths = sequence_lengths(B, T, cu_seqlens)
-    cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config, rows)
     o = torch.empty(B * T, HQ, DV, dtype=q.dtype, device=q.device)
     lse = torch.empty(B * T, HQ, dtype=torch.float32, device=q.device)
     gates, o_cmp, o_win = (x.contiguous() for x in gated) if gated is not None else (o, o, o)
     o_gated = torch.empty_like(o) if gated is not None else o
-    selected_fwd_kernel[(tile_seq.numel(), H)](
-        q2, k2, v2, idx2, o, lse, cu, tile_seq, tile_start, union, union_len, gates, o_cmp, o_win, o_gated, scale,
-        N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, GATED=gated is not None,
-        **_meta(q, k, v, config.select_block),
-    )  # fmt: skip
+    meta = _meta(q, k, v, config.select_block)
+    if block_major is None:
+        block_major = HQ // H <= BLOCK_MAJOR_MAX_GROUP and rows == TILE_ROWS
+    if block_major:
+        chunk = 64 if is_interpreting() else FWD_CHUNK
+        key, start, end, _, entry_of, block_start, block_end, NB = invert_blocks(
+            idx2, lengths, config.select_block, chunk
+        )
+        o_part = torch.empty(B * T * HQ * N, DV, dtype=q.dtype, device=q.device)
+        lse_part = torch.full((B * T * HQ * N,), float("-inf"), device=q.device)  # unlisted slots: none
+        selected_fwd_block_kernel[(key.numel(),)](
+            q2, k2, v2, o_part, lse_part, key, start, end, entry_of, block_start, block_end, scale, NB, N=N, **meta
+        )  # fmt: skip
+        selected_fwd_merge_kernel[lambda m: (triton.cdiv(B * T * meta["G"], m["BR"]), H)](
+            idx2, o_part, lse_part, o, lse, gates, o_cmp, o_win, o_gated, B * T, TUNE_T=meta["TUNE_T"], H=H,
+            G=meta["G"], N=N, NP=next_power_of_2(N, 2), DV=DV, BV=meta["BV"], GATED=gated is not None,
+        )  # fmt: skip
+    else:
+        cu, tile_seq, tile_start, union, union_len, BM = _row_tiles(idx2, HQ // H, lengths, config, rows)
+        selected_fwd_kernel[(tile_seq.numel(), H)](
+            q2, k2, v2, idx2, o, lse, cu, tile_seq, tile_start, union, union_len, gates, o_cmp, o_win, o_gated,
+            scale, N=N, NP=next_power_of_2(N, 2), U=union.shape[-1], BM=BM, GATED=gated is not None, **meta,
+        )  # fmt: skip
     out = o.view(B, T, HQ, DV), lse.view(B, T, HQ)
     return (*out, o_gated.view(B, T, HQ, DV)) if gated is not None else out
 
@@ -493,7 +653,8 @@ def invert_blocks(
     block_idx [TT, H, n] int32 (per-sequence block numbers, -1 = none). Blocks are numbered globally
     (sequence after sequence, NB in all). One stable sort on the device, no host sync. Returns
     (work_key, work_start, work_end) [W] with W an upper bound (extra chunks are empty), query_of
-    [TT * H * n], block_start [NB], block_end [NB], all int32, and NB.
+    [TT * H * n] (the packed query position of each listed entry) and entry_of (the entry itself, its flat
+    index ``(t H + h) n + j`` into block_idx), block_start [NB], block_end [NB], all int32, and NB.
     """
     device = block_idx.device
     TT, H, N = block_idx.shape
@@ -509,14 +670,18 @@ def invert_blocks(
         block_start = seq_first_token[block_seq] + local * select_block
         block_end = torch.minimum(block_start + select_block, (seq_first_token + lens)[block_seq])
         token_block0 = torch.repeat_interleave(seq_first_block, lens, output_size=TT)  # [TT]
-        return block_start.to(torch.int32), block_end.to(torch.int32), token_block0
+        token_blocks = torch.repeat_interleave(counts, lens, output_size=TT)  # [TT] blocks of the token's sequence
+        return block_start.to(torch.int32), block_end.to(torch.int32), token_block0, token_blocks
 
-    block_start, block_end, token_block0 = shape_metadata(blocks, ("blocks", tuple(lengths), select_block, device))
+    block_start, block_end, token_block0, token_blocks = shape_metadata(
+        blocks, ("blocks", tuple(lengths), select_block, device)
+    )
     idx = block_idx.long()
     heads = torch.arange(H, device=device)[None, :, None]
-    key = torch.where(idx >= 0, heads * NB + token_block0[:, None, None] + idx, H * NB).flatten()  # [TT * H * n]
+    listed = (idx >= 0) & (idx < token_blocks[:, None, None])  # a block past the sequence's end: none
+    key = torch.where(listed, heads * NB + token_block0[:, None, None] + idx, H * NB).flatten()  # [TT * H * n]
     key_sorted, order = torch.sort(key, stable=True)
-    query_of = (order // (H * N)).to(torch.int32)
+    query_of, entry_of = (order // (H * N)).to(torch.int32), order.to(torch.int32)
     # entries per (head, block) from the sorted keys: torch.bincount would sync with the host to size its output
     ends = torch.searchsorted(key_sorted, torch.arange(1, H * NB + 1, device=device))  # [H * NB] keys <= b
     counts = ends - torch.nn.functional.pad(ends[:-1], (1, 0))
@@ -528,7 +693,7 @@ def invert_blocks(
     start = ends[owner] - counts[owner] + (w - (last_chunk[owner] - n_chunks[owner])) * chunk
     end = torch.where(w < last_chunk[-1], torch.minimum(start + chunk, ends[owner]), start)
     as_i32 = lambda x: x.to(torch.int32)
-    return as_i32(owner), as_i32(start), as_i32(end), query_of, block_start, block_end, NB
+    return as_i32(owner), as_i32(start), as_i32(end), query_of, entry_of, block_start, block_end, NB
 
 
 def selected_attention_bwd(
@@ -566,7 +731,7 @@ def selected_attention_bwd(
         HAS_DQ_PREV=has_prev, TMA=tma, **meta,
     )  # fmt: skip
     chunk = 64 if is_interpreting() else 512
-    key, start, end, query_of, block_start, block_end, NB = invert_blocks(idx2, lengths, config.select_block, chunk)
+    key, start, end, query_of, _, block_start, block_end, NB = invert_blocks(idx2, lengths, config.select_block, chunk)
     dk = torch.zeros(k2.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v2.shape, dtype=torch.float32, device=q.device)
     selected_bwd_dkv_kernel[(key.numel(),)](

@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from kernel_problems import DEVICE
 from sparse_problems import problem, sparse_problems
 
+import optimized.selected
 import reference
 from optimized.nsa import combine_gates_fwd
 from optimized.selected import (
@@ -35,8 +36,16 @@ CFG = NSAConfig(8, 4, 8, 3, 1, 1, window=16)
 @example(problem(1, 1, 1, 16, 24, CFG, torch.float32))  # T = 1: one key
 @example(problem(37, 2, 3, 48, 24, NSAConfig(4, 2, 8, 4, 1, 2), torch.float16))  # G = 3, last block partial
 @example(problem(50, 1, 8, 64, 16, CFG, torch.float32, seqlens=(3, 30, 17)))  # packed: per-sequence block numbers
-def test_selected_matches_reference(p: NSAProblem) -> None:
-    check_against_reference("selected_attention", selected_attention, p, device=DEVICE)
+@pytest.mark.parametrize("forward", ["tiles", "blocks"])
+def test_selected_matches_reference(forward: str, p: NSAProblem) -> None:
+    """Both forwards at every group size: query tiles over the union of their blocks, and block-major (each block
+    against the queries that selected it, then a merge), which the small groups run by default."""
+    default = optimized.selected.BLOCK_MAJOR_MAX_GROUP
+    optimized.selected.BLOCK_MAJOR_MAX_GROUP = 0 if forward == "tiles" else 1 << 20
+    try:
+        check_against_reference("selected_attention", selected_attention, p, device=DEVICE)
+    finally:
+        optimized.selected.BLOCK_MAJOR_MAX_GROUP = default
 
 
 def _random_block_idx(B: int, T: int, H: int, S: int, block: int, seed: int) -> torch.Tensor:
@@ -182,7 +191,7 @@ def test_row_tiles_union_is_the_blocks_of_the_tiles_positions(G: int, rows: int)
 def test_invert_blocks_lists_every_selection_once() -> None:
     lengths = [20, 7, 33]
     idx = torch.cat([_random_block_idx(1, n, 2, 3, 4, seed=n)[0] for n in lengths])  # [TT, H, n]
-    key, start, end, query_of, block_start, block_end, NB = invert_blocks(idx.int(), lengths, 4, chunk=5)
+    key, start, end, query_of, entry_of, block_start, block_end, NB = invert_blocks(idx.int(), lengths, 4, chunk=5)
     assert NB == sum(-(-n // 4) for n in lengths)
     assert int((end - start).clamp_min(0).max()) <= 5
     seen = []
@@ -194,6 +203,7 @@ def test_invert_blocks_lists_every_selection_once() -> None:
             t = int(query_of[e])
             s = max(i for i in range(3) if first[i] <= t)
             local = blk - seq_block0[s]
+            assert int(entry_of[e]) // (2 * 3) == t and int(idx.flatten()[int(entry_of[e])]) == local  # (t H + h) n + j
             assert int(block_start[blk]) == first[s] + 4 * local
             assert int(block_end[blk]) == min(first[s] + 4 * local + 4, first[s] + lengths[s])
             seen.append((t, h, local))
