@@ -589,7 +589,11 @@ def ascending_blocks(block_idx: torch.Tensor) -> torch.Tensor:
     return torch.where(ordered == none, -1, ordered)
 
 
-BLOCK_MAJOR_MAX_GROUP = 4  # groups of at most this many query heads run the block-major forward
+# The block-major forward runs for groups of at most BLOCK_MAJOR_MAX_GROUP heads from BLOCK_MAJOR_MIN_TOKENS packed
+# tokens on: on an H100 at G = 4 it took the branch from 15.1 to 5.8 ms at 64k and 3.2 to 1.5 at 16k, but at 8k the
+# host's time to build the block lists made the core's forward slower (1.9 -> 2.8 ms, host-bound).
+BLOCK_MAJOR_MAX_GROUP = 4
+BLOCK_MAJOR_MIN_TOKENS = 16384
 FWD_CHUNK = 128  # query positions per program of the block-major forward (the interpreter: 64)
 
 
@@ -608,8 +612,8 @@ def selected_attention_fwd(
     """q [B, T, HQ, DK], k [B, T, H, DK], v [B, T, H, DV], block_idx [B, T, H, n] (ascending, -1 padded) ->
     o [B, T, HQ, DV], lse fp32. ``rows``: query rows per program (``_row_tiles``). ``gated`` = (gates [B, T, HQ,
     3], o_cmp, o_win [B, T, HQ, DV]): the core's combine (Eq. 5) fused, returned third. ``block_major``: walk the
-    blocks instead of the query tiles (default: for groups of at most ``BLOCK_MAJOR_MAX_GROUP`` heads at the
-    default ``rows``)."""
+    blocks instead of the query tiles (default: for groups of at most ``BLOCK_MAJOR_MAX_GROUP`` heads and at
+    least ``BLOCK_MAJOR_MIN_TOKENS`` tokens, at the default ``rows``)."""
     B, T, HQ, _ = q.shape
     H, DV, N = k.shape[2], v.shape[3], block_idx.shape[3]
     q2, k2, v2, idx2 = _packed(q, k, v, block_idx.to(torch.int32))
@@ -620,7 +624,8 @@ def selected_attention_fwd(
     o_gated = torch.empty_like(o) if gated is not None else o
     meta = _meta(q, k, v, config.select_block)
     if block_major is None:
-        block_major = HQ // H <= BLOCK_MAJOR_MAX_GROUP and rows == TILE_ROWS
+        big = B * T >= BLOCK_MAJOR_MIN_TOKENS
+        block_major = HQ // H <= BLOCK_MAJOR_MAX_GROUP and big and rows == TILE_ROWS
     if block_major:
         chunk = 64 if is_interpreting() else FWD_CHUNK
         key, start, end, _, entry_of, block_start, block_end, NB = invert_blocks(

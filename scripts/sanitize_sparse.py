@@ -7,9 +7,10 @@ Meant for compute-sanitizer::
 
 The reference runs on the CPU, so that only our kernels (not cuBLAS) run under the tool. Small shapes with
 ragged edges: T not a multiple of any block, a packed batch, G = 3, DK != DV (not powers of two), and fp16 and
-bf16. Every autotuned kernel keeps only its first config, so each kernel runs a handful of times (the combine
-kernels: the backward's inside ``nsa_attention``, whose forward fuses Eq. 5 into the selected kernel, and both
-through the public ``combine_gates``). Exits non-zero if any result differs from the reference.
+bf16; the selected forward both ways (query tiles, then block-major). Every autotuned kernel keeps only its
+first config, so each kernel runs a handful of times (the combine kernels: the backward's inside
+``nsa_attention``, whose forward fuses Eq. 5 into the selected kernel, and both through the public
+``combine_gates``). Exits non-zero if any result differs from the reference.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ PROBLEMS = [
     NSAProblem(2, 200, 1, 16, 64, 32, NSAConfig(16, 8, 32, 5, 1, 1, window=48), torch.float16, seed=1),
     NSAProblem(1, 333, 2, 1, 32, 24, NSAConfig(16, 8, 48, 3, 1, 1, window=40), torch.float16, 2, (100, 200, 33)),
 ]
+
+FUNCTIONS = [
+    ("select_blocks", optimized.select_blocks),
+    ("selected_attention", optimized.selected_attention),
+    ("nsa_attention", optimized.nsa_attention),
+]
+DEFAULTS = selected.BLOCK_MAJOR_MAX_GROUP, selected.BLOCK_MAJOR_MIN_TOKENS
 
 
 def check_combine_gates(dtype: torch.dtype, seed: int, device: str = "cuda") -> None:
@@ -60,19 +68,19 @@ def main() -> int:
             if isinstance(kernel, triton.runtime.Autotuner):
                 kernel.configs = kernel.configs[:1]
     failures = 0
-    for p in PROBLEMS:
-        for name, fn in (
-            ("select_blocks", optimized.select_blocks),
-            ("selected_attention", optimized.selected_attention),
-            ("nsa_attention", optimized.nsa_attention),
-        ):
-            try:
-                check_against_reference(name, fn, p, device="cuda", reference_device="cpu")
-                status = "ok"
-            except AssertionError as e:
-                failures += 1
-                status = f"FAILED: {e}"
-            print(f"{name:20s} T={p.seq_len} H={p.kv_heads} G={p.group} {p.dtype}: {status}")
+    runs = [(p, name, fn) for p in PROBLEMS for name, fn in FUNCTIONS]
+    runs += [(p, name, fn) for p in PROBLEMS for name, fn in FUNCTIONS[1:]]  # again with the block-major forward
+    for i, (p, name, fn) in enumerate(runs):
+        block_major = i >= len(PROBLEMS) * len(FUNCTIONS)
+        selected.BLOCK_MAJOR_MAX_GROUP, selected.BLOCK_MAJOR_MIN_TOKENS = (1 << 20, 0) if block_major else DEFAULTS
+        try:
+            check_against_reference(name, fn, p, device="cuda", reference_device="cpu")
+            status = "ok"
+        except AssertionError as e:
+            failures += 1
+            status = f"FAILED: {e}"
+        print(f"{name:20s} T={p.seq_len} H={p.kv_heads} G={p.group} {p.dtype}{' block-major' * block_major}: {status}")
+    selected.BLOCK_MAJOR_MAX_GROUP, selected.BLOCK_MAJOR_MIN_TOKENS = DEFAULTS
     for seed, dtype in enumerate((torch.bfloat16, torch.float16)):
         try:
             check_combine_gates(dtype, seed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from kernel_problems import DEVICE
-from sparse_problems import problem, sparse_problems
+from sparse_problems import forward_method, problem, sparse_problems
 
 import optimized
 import reference
@@ -24,6 +24,22 @@ CFG = NSAConfig(8, 4, 16, 3, 1, 1, window=12)
 @example(problem(50, 1, 4, 32, 16, CFG, torch.float32, seqlens=(3, 30, 17)))  # packed
 def test_nsa_matches_reference(p: NSAProblem) -> None:
     check_against_reference("nsa_attention", optimized.nsa_attention, p, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        problem(45, 2, 3, 48, 24, NSAConfig(4, 2, 8, 4, 1, 2, window=9), torch.float16),
+        problem(50, 1, 4, 32, 16, CFG, torch.float32, seqlens=(3, 30, 17)),
+        problem(33, 2, 1, 24, 40, CFG, torch.float32),
+    ],
+    ids=["G3-fp16", "G4-packed-fp32", "G1-fp32"],
+)
+def test_nsa_with_the_block_major_forward_matches_reference(p: NSAProblem) -> None:
+    """The core with the selected forward block-major and Eq. 5 in its merge (the default of small groups at long
+    sequences), forward and every gradient."""
+    with forward_method("blocks"):
+        check_against_reference("nsa_attention", optimized.nsa_attention, p, device=DEVICE)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -187,8 +203,9 @@ def test_nsa_compiles_with_inductor() -> None:
         problem(2048, 2, 4, 128, 96, NSAConfig(), torch.float16, batch=2),
         problem(4096, 1, 16, 128, 128, NSAConfig(), torch.bfloat16, seqlens=(1000, 3000, 96)),
         problem(8192, 1, 16, 128, 128, NSAConfig(), torch.bfloat16),
+        problem(16384, 4, 4, 128, 128, NSAConfig(), torch.bfloat16),
     ],
-    ids=["G16-dk192-bf16", "G1-bf16", "B2-G4-fp16", "varlen-bf16", "T8k-bf16"],
+    ids=["G16-dk192-bf16", "G1-bf16", "B2-G4-fp16", "varlen-bf16", "T8k-bf16", "G4-16k-block-major-bf16"],
 )
 def test_nsa_gpu_large(p: NSAProblem) -> None:
     check_against_reference("nsa_attention", optimized.nsa_attention, p, device="cuda")

@@ -9,9 +9,8 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from kernel_problems import DEVICE
-from sparse_problems import problem, sparse_problems
+from sparse_problems import forward_method, problem, sparse_problems
 
-import optimized.selected
 import reference
 from optimized.nsa import combine_gates_fwd
 from optimized.selected import (
@@ -40,12 +39,8 @@ CFG = NSAConfig(8, 4, 8, 3, 1, 1, window=16)
 def test_selected_matches_reference(forward: str, p: NSAProblem) -> None:
     """Both forwards at every group size: query tiles over the union of their blocks, and block-major (each block
     against the queries that selected it, then a merge), which the small groups run by default."""
-    default = optimized.selected.BLOCK_MAJOR_MAX_GROUP
-    optimized.selected.BLOCK_MAJOR_MAX_GROUP = 0 if forward == "tiles" else 1 << 20
-    try:
+    with forward_method(forward):
         check_against_reference("selected_attention", selected_attention, p, device=DEVICE)
-    finally:
-        optimized.selected.BLOCK_MAJOR_MAX_GROUP = default
 
 
 def _random_block_idx(B: int, T: int, H: int, S: int, block: int, seed: int) -> torch.Tensor:
@@ -145,12 +140,13 @@ def test_selected_gpu_tma_and_pointer_loads_agree_at_d128() -> None:
     _tma_and_pointer_loads_agree(3000, 2, 16, 128, NSAConfig(), torch.bfloat16)
 
 
+@pytest.mark.parametrize("forward", ["tiles", "blocks"])
 @pytest.mark.parametrize(
     ("T", "G", "D", "seqlens", "dtype"),
     [(45, 3, 20, None, torch.float32), (50, 4, 16, (3, 30, 17), torch.float16), (9, 16, 24, None, torch.float32)],
 )
 def test_selected_gated_forward_is_the_combine_of_its_output(
-    T: int, G: int, D: int, seqlens: tuple[int, ...] | None, dtype: torch.dtype
+    T: int, G: int, D: int, seqlens: tuple[int, ...] | None, dtype: torch.dtype, forward: str
 ) -> None:
     """The forward with Eq. 5 fused in its epilogue (what the core runs): o_slc and lse as without it, and o the
     combine kernel's sum of the three branch outputs (its o_slc as stored, fp32 sums), up to the rounding of a
@@ -161,8 +157,11 @@ def test_selected_gated_forward_is_the_combine_of_its_output(
     g = torch.Generator().manual_seed(5)
     gates = torch.rand((1, T, 2 * G, 3), generator=g).to(dtype).to(DEVICE)
     o_cmp, o_win = (torch.randn((1, T, 2 * G, D), generator=g).to(dtype).to(DEVICE) for _ in range(2))
-    o, lse = selected_attention_fwd(x.q, x.k_slc, x.v_slc, idx, CFG, D**-0.5, cu)
-    o_g, lse_g, y = selected_attention_fwd(x.q, x.k_slc, x.v_slc, idx, CFG, D**-0.5, cu, gated=(gates, o_cmp, o_win))
+    with forward_method(forward):
+        o, lse = selected_attention_fwd(x.q, x.k_slc, x.v_slc, idx, CFG, D**-0.5, cu)
+        o_g, lse_g, y = selected_attention_fwd(
+            x.q, x.k_slc, x.v_slc, idx, CFG, D**-0.5, cu, gated=(gates, o_cmp, o_win)
+        )
     torch.testing.assert_close(o_g, o, rtol=0, atol=0)
     torch.testing.assert_close(lse_g, lse, rtol=0, atol=0)
     assert not y.isnan().any()
@@ -234,8 +233,20 @@ def test_selected_rejects_bad_arguments_like_reference() -> None:
         problem(1024, 2, 3, 80, 48, NSAConfig(32, 16, 48, 5, 1, 2), torch.float32),
         problem(8192, 1, 16, 128, 128, NSAConfig(), torch.bfloat16),
         problem(2048, 2, 4, 60, 36, NSAConfig(), torch.bfloat16),
+        problem(16384, 4, 4, 128, 128, NSAConfig(), torch.bfloat16),
+        problem(16384, 2, 1, 128, 128, NSAConfig(), torch.bfloat16, seqlens=(5000, 11000, 384)),
     ],
-    ids=["G16-dk192-bf16", "G1-bf16", "B2-G4-fp16", "varlen-bf16", "ls48-fp32", "T8k-bf16", "dk60-pointers-bf16"],
+    ids=[
+        "G16-dk192-bf16",
+        "G1-bf16",
+        "B2-G4-fp16",
+        "varlen-bf16",
+        "ls48-fp32",
+        "T8k-bf16",
+        "dk60-pointers-bf16",
+        "G4-16k-block-major-bf16",
+        "G1-16k-varlen-block-major-bf16",
+    ],
 )
 def test_selected_gpu_large(p: NSAProblem) -> None:
     check_against_reference("selected_attention", selected_attention, p, device="cuda")
