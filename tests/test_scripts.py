@@ -165,12 +165,14 @@ def test_selection_rounds_counts_insertions(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_selected_tiles_script(tmp_path: Path) -> None:
-    """selected_tiles.py: larger row tiles compute the same and load fewer blocks per position."""
+    """selected_tiles.py: larger row tiles and the block-major forward (rows 0) compute the same, and larger tiles
+    load fewer blocks per position."""
     selected_tiles = load_script("selected_tiles")
-    argv = ["--configs", "tiny", "--lengths", "40", "--rows", "32", "--out", str(tmp_path), "--device", str(DEVICE)]
-    assert selected_tiles.main(argv) == 0
+    argv = ["--configs", "tiny", "--lengths", "40", "--rows", "32", "--block-major", "--out", str(tmp_path)]
+    assert selected_tiles.main([*argv, "--device", str(DEVICE)]) == 0
     records = {r["rows"]: r for r in json.loads((tmp_path / "selected_tiles.json").read_text())["records"]}
-    assert set(records) == {16, 32}
+    assert set(records) == {0, 16, 32}
+    assert records[0]["rel_err_vs_default"] < 1e-2 and records[0]["bwd_ms"] is None
     assert records[32]["rel_err_vs_default"] < 1e-2
     assert records[32]["blocks_loaded_per_position"] < records[16]["blocks_loaded_per_position"]
     assert records[32]["computed_per_selected_block_rows"] >= 1.0
