@@ -278,7 +278,7 @@ def selected_fwd_block_kernel(
 
 
 @triton.autotune(
-    configs=autotune_configs({"BR": (16, 32)}, num_warps=(4,), num_stages=(1, 2)), key=["G", "N", "BV", "TUNE_T"]
+    configs=autotune_configs({"BR": (16, 8)}, num_warps=(4,), num_stages=(1, 2)), key=["G", "N", "BV", "TUNE_T"]
 )
 @triton.jit
 def selected_fwd_merge_kernel(

@@ -72,6 +72,24 @@ KERNELS = {
         {**DIMS, "LS": 64, "BN": 64},
         {"dk": "*fp32", "dv": "*fp32", "NB": "i32", "TUNE_T": "i32"},
     ),
+    # the block-major selected forward (small groups, long sequences) at G = 4 and 1, its merge (gated: the core's)
+    **{
+        f"selected_fwd_block_g{g}": (
+            selected.selected_fwd_block_kernel,
+            {**DIMS, "G": g, "N": 16, "LS": 64, "BN": 64},
+            {"o_part": "*bf16", "lse_part": "*fp32", "NB": "i32", "TUNE_T": "i32"},
+        )
+        for g in (4, 1)
+    },
+    **{
+        f"selected_fwd_merge{'_gated' if gated else ''}": (
+            selected.selected_fwd_merge_kernel,
+            dict(H=4, G=4, N=16, NP=16, DV=128, BV=128, GATED=gated),
+            {name: "*bf16" for name in ("o_part", "o", "gates", "o_cmp", "o_win", "o_gated")}
+            | {"lse_part": "*fp32", "lse": "*fp32", "TT": "i32", "TUNE_T": "i32"},
+        )
+        for gated in (False, True)
+    },
     **{
         f"selection_g{g}": (
             selection.select_blocks_kernel,
