@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from kernel_problems import DEVICE
 from sparse_problems import forward_method, problem, sparse_problems
 
+import optimized.selected
 import reference
 from optimized.nsa import combine_gates_fwd
 from optimized.selected import (
@@ -185,6 +186,34 @@ def test_row_tiles_union_is_the_blocks_of_the_tiles_positions(G: int, rows: int)
             n = int(union_len[i, h])
             assert union[i, h, :n].tolist() == want
             assert (union[i, h, n:] == -1).all()
+
+
+@pytest.mark.parametrize(
+    ("T", "G", "rows", "expected"), [(40, 4, 16, True), (20, 4, 16, False), (40, 8, 16, False), (40, 1, 32, False)]
+)
+def test_block_major_runs_for_small_groups_at_long_sequences(
+    T: int, G: int, rows: int, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default dispatch: block-major for G <= BLOCK_MAJOR_MAX_GROUP from BLOCK_MAJOR_MIN_TOKENS tokens on (here
+    32), at the default rows; the tiles otherwise."""
+    sel = optimized.selected
+    launched = []
+
+    class Recorder:
+        def __init__(self, kernel: object, name: str) -> None:
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid: object) -> object:
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(sel, "BLOCK_MAJOR_MIN_TOKENS", 32)
+    monkeypatch.setattr(sel, "selected_fwd_block_kernel", Recorder(sel.selected_fwd_block_kernel, "blocks"))
+    monkeypatch.setattr(sel, "selected_fwd_kernel", Recorder(sel.selected_fwd_kernel, "tiles"))
+    x = problem(T, 1, G, 16, 16, CFG, torch.float32).tensors(DEVICE)
+    idx = ascending_blocks(_random_block_idx(1, T, 1, CFG.num_selected, CFG.select_block, seed=3)).to(DEVICE)
+    selected_attention_fwd(x.q, x.k_slc, x.v_slc, idx, CFG, 16**-0.5, None, rows=rows)
+    assert launched == (["blocks"] if expected else ["tiles"])
 
 
 def test_invert_blocks_lists_every_selection_once() -> None:
