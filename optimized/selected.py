@@ -605,7 +605,7 @@ def ascending_blocks(block_idx: torch.Tensor) -> torch.Tensor:
 
 # The block-major forward runs for groups of at most BLOCK_MAJOR_MAX_GROUP heads from BLOCK_MAJOR_MIN_TOKENS packed
 # tokens on: on an H100 at G = 4 it took the branch from 15.1 to 5.8 ms at 64k and 3.2 to 1.5 at 16k, but at 8k the
-# host's time to build the block lists made the core's forward slower (1.9 -> 2.8 ms, host-bound).
+# core's forward was slower with it (1.9 -> 2.8 ms; whether the host's list building or the device, not yet known).
 BLOCK_MAJOR_MAX_GROUP = 4
 BLOCK_MAJOR_MIN_TOKENS = 16384
 FWD_CHUNK = 128  # query positions per program of the block-major forward (the interpreter: 64)
