@@ -391,3 +391,7 @@ for png in pngs:
 #   and the mask `m_s` drawn above.
 # * On a GPU, compare float32 and bfloat16 errors, and time `optimized.nsa_attention` against the
 #   reference at `T = 8192`.
+# * Time `selected_attention_fwd(..., block_major=True)` against `block_major=False` for `G = 1, 4, 16`
+#   at a few lengths (`scripts/selected_tiles.py --block-major` does it): where does the crossing fall?
+#   The backward still walks the query tiles for `dq`; a block-major `dq` would need the same merge
+#   trick, or atomics.
