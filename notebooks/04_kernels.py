@@ -393,5 +393,5 @@ for png in pngs:
 #   reference at `T = 8192`.
 # * Time `selected_attention_fwd(..., block_major=True)` against `block_major=False` for `G = 1, 4, 16`
 #   at a few lengths (`scripts/selected_tiles.py --block-major` does it): where does the crossing fall?
-#   The backward still walks the query tiles for `dq`; a block-major `dq` would need the same merge
-#   trick, or atomics.
+#   The backward still walks the query tiles for `dq`; a block-major `dq` would write per-block partials
+#   and sum them (no rescaling: `dq` is a plain sum over blocks), or add them with atomics.
