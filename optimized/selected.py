@@ -203,6 +203,24 @@ def selected_fwd_kernel(
         tl.store(o_gated + p_o, b_y.to(o_gated.dtype.element_ty), mask=m_o)
 
 
+@triton.jit
+def _work_block(
+    k, v, work_key, block_start, block_end, i_w, NB, H, DK, DV, BK: tl.constexpr, BV: tl.constexpr, BN: tl.constexpr
+):
+    """The selected block of work item i_w of the inverted lists (``invert_blocks``): its kv head i_h, packed keys
+    o_s [BN] (mask m_n: inside the block), their rows o_key into [TT, H], and its K [BN, BK] and V [BN, BV]."""
+    i_key = tl.load(work_key + i_w)
+    i_h, i_blk = i_key // NB, i_key % NB
+    s0, s1 = tl.load(block_start + i_blk), tl.load(block_end + i_blk)
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    o_s = s0 + tl.arange(0, BN)  # [BN] packed keys
+    m_n = o_s < s1
+    o_key = o_s.to(tl.int64) * H + i_h  # [BN]
+    b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & (o_k < DK)[None, :], other=0.0)
+    b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & (o_v < DV)[None, :], other=0.0)
+    return i_h, o_s, m_n, o_key, b_k, b_v
+
+
 @triton.autotune(
     configs=autotune_configs({"BM": (64, 128)}, num_warps=(4, 8), num_stages=(1, 2), interpreter={"BM": 16}),
     key=_TUNE_KEY,
@@ -241,18 +259,12 @@ def selected_fwd_block_kernel(
     i_w = tl.program_id(0)
     e0, e1 = tl.load(work_start + i_w), tl.load(work_end + i_w)
     if e0 < e1:
-        i_key = tl.load(work_key + i_w)
-        i_h, i_blk = i_key // NB, i_key % NB
-        s0, s1 = tl.load(block_start + i_blk), tl.load(block_end + i_blk)
+        i_h, o_s, m_n, _, b_k, b_v = _work_block(k, v, work_key, block_start, block_end, i_w, NB, H, DK, DV, BK, BV, BN)
+        b_kt = tl.trans(b_k)  # [BK, BN]
         HQ: tl.constexpr = H * G
         qk_scale = scale * _LOG2E
-        o_k, o_v, o_n, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN), tl.arange(0, BM)
+        o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
         m_dk, m_dv = o_k < DK, o_v < DV
-        o_s = s0 + o_n  # [BN] packed keys
-        m_n = o_s < s1
-        o_key = o_s.to(tl.int64) * H + i_h  # [BN]
-        b_kt = tl.load(k + o_key[None, :] * DK + o_k[:, None], mask=m_dk[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
-        b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BV]
         for r0 in range(0, (e1 - e0) * G, BM):
             o_r = r0 + o_m  # [BM] rows (entry, head) of the chunk
             m_r = o_r < (e1 - e0) * G
@@ -477,18 +489,13 @@ def selected_bwd_dkv_kernel(
     i_w = tl.program_id(0)
     e0, e1 = tl.load(work_start + i_w), tl.load(work_end + i_w)
     if e0 < e1:
-        i_key = tl.load(work_key + i_w)
-        i_h, i_blk = i_key // NB, i_key % NB
-        s0, s1 = tl.load(block_start + i_blk), tl.load(block_end + i_blk)
+        i_h, o_s, m_n, o_key, b_k, b_v = _work_block(
+            k, v, work_key, block_start, block_end, i_w, NB, H, DK, DV, BK, BV, BN
+        )
         HQ: tl.constexpr = H * G
         qk_scale = scale * _LOG2E
-        o_k, o_v, o_n, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN), tl.arange(0, BM)
+        o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
         m_dk, m_dv = o_k < DK, o_v < DV
-        o_s = s0 + o_n  # [BN] packed keys
-        m_n = o_s < s1
-        o_key = o_s.to(tl.int64) * H + i_h  # [BN]
-        b_k = tl.load(k + o_key[:, None] * DK + o_k[None, :], mask=m_n[:, None] & m_dk[None, :], other=0.0)  # [BN, BK]
-        b_v = tl.load(v + o_key[:, None] * DV + o_v[None, :], mask=m_n[:, None] & m_dv[None, :], other=0.0)  # [BN, BV]
         b_dk = tl.zeros([BN, BK], dtype=tl.float32)
         b_dv = tl.zeros([BN, BV], dtype=tl.float32)
         for r0 in range(0, (e1 - e0) * G, BM):
