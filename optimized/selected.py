@@ -57,6 +57,9 @@ CH``), never a per-query atomic.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -616,6 +619,21 @@ def ascending_blocks(block_idx: torch.Tensor) -> torch.Tensor:
 BLOCK_MAJOR_MAX_GROUP = 4
 BLOCK_MAJOR_MIN_TOKENS = 16384
 FWD_CHUNK = 128  # query positions per program of the block-major forward (the interpreter: 64)
+
+
+@contextlib.contextmanager
+def forced_forward(method: str) -> Iterator[None]:
+    """Run every selected forward inside as ``"tiles"`` or ``"blocks"`` (block-major), whatever the group and
+    length (tests, sanitizer and config checks; sets the module's dispatch constants, so not thread-safe)."""
+    global BLOCK_MAJOR_MAX_GROUP, BLOCK_MAJOR_MIN_TOKENS
+    if method not in ("tiles", "blocks"):
+        raise ValueError(f"method must be 'tiles' or 'blocks', got {method!r}")
+    default = BLOCK_MAJOR_MAX_GROUP, BLOCK_MAJOR_MIN_TOKENS
+    BLOCK_MAJOR_MAX_GROUP, BLOCK_MAJOR_MIN_TOKENS = (0, 1 << 40) if method == "tiles" else (1 << 20, 0)
+    try:
+        yield
+    finally:
+        BLOCK_MAJOR_MAX_GROUP, BLOCK_MAJOR_MIN_TOKENS = default
 
 
 def selected_attention_fwd(

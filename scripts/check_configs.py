@@ -22,6 +22,7 @@ without TMA run), ``dk60`` a problem whose rows are not 16-byte aligned (pointer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -55,12 +56,13 @@ KERNELS: dict[str, tuple[triton.runtime.Autotuner, str]] = {
     # the same kernel through pointer loads (as on cards without TMA) at any head dim, not only unaligned rows
     "selected_dq_pointers": (selected.selected_bwd_dq_kernel, "selected_attention"),
     "selected_dkv": (selected.selected_bwd_dkv_kernel, "selected_attention"),
-    # the block-major forward and its merge, forced at every group size and length (restored below)
+    # the block-major forward and its merge, forced at every group size and length (BLOCK_MAJOR_KERNELS)
     "selected_fwd_block": (selected.selected_fwd_block_kernel, "selected_attention"),
     "selected_fwd_merge": (selected.selected_fwd_merge_kernel, "selected_attention"),
     "mean_pool_fwd": (compression.mean_pool_fwd_kernel, "mean_pool"),
     "mean_pool_bwd": (compression.mean_pool_bwd_kernel, "mean_pool"),
 }
+BLOCK_MAJOR_KERNELS = ("selected_fwd_block", "selected_fwd_merge")
 # gradients summed with fp32 atomics: equal up to the order of the adds, so not compared bitwise
 ATOMIC_GRADS = {"selected_attention": {"k_slc", "v_slc"}, "compressed_attention": {"k_cmp", "v_cmp"}}
 
@@ -144,9 +146,6 @@ def check_kernel(name: str, problem_names: list[str], device: str) -> int:
     kv_operands = selected._kv_operands
     if name.endswith("_pointers"):  # K/V as tensors, never descriptors (restored below)
         selected._kv_operands = lambda k2, v2, meta: (k2, v2, False)
-    block_major = selected.BLOCK_MAJOR_MAX_GROUP, selected.BLOCK_MAJOR_MIN_TOKENS
-    if name in ("selected_fwd_block", "selected_fwd_merge"):
-        selected.BLOCK_MAJOR_MAX_GROUP, selected.BLOCK_MAJOR_MIN_TOKENS = 1 << 20, 0
     all_problems = problems(device)
     try:
         for pname in problem_names:
@@ -158,7 +157,9 @@ def check_kernel(name: str, problem_names: list[str], device: str) -> int:
                 kernel.configs = [config]
                 t0 = time.time()
                 try:
-                    check()
+                    block_major = name in BLOCK_MAJOR_KERNELS  # then at every group size and length
+                    with selected.forced_forward("blocks") if block_major else contextlib.nullcontext():
+                        check()
                     status = "ok"
                 except triton.runtime.errors.OutOfResources as e:
                     status = f"skipped ({str(e).splitlines()[0][:80]})"
@@ -169,7 +170,6 @@ def check_kernel(name: str, problem_names: list[str], device: str) -> int:
                 print(f"{name:20s} {pname:6s} {config!s:70s} {time.time() - t0:5.1f}s {status}", flush=True)
     finally:
         selected._kv_operands = kv_operands
-        selected.BLOCK_MAJOR_MAX_GROUP, selected.BLOCK_MAJOR_MIN_TOKENS = block_major
     return failures
 
 

@@ -7,13 +7,9 @@ The interpreter runs every program instance in Python, so the product T * G * H 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from hypothesis import strategies as st
 from kernel_problems import KERNEL_DTYPES, ON_GPU, problem, split_and_dims
 
-import optimized.selected
 from reference.testing import NSAProblem, nsa_configs
 
 HEAD_DIMS = (16, 24, 32, 48, 64)
@@ -40,15 +36,3 @@ def sparse_problems(draw: st.DrawFn, max_seq_len: int = 72, max_group: int = 8) 
         seqlens=seqlens,
         seed=draw(st.integers(0, 2**32 - 1)),
     )
-
-
-@contextlib.contextmanager
-def forward_method(forward: str) -> Iterator[None]:
-    """Run every selected forward inside as ``tiles`` or ``blocks`` (block-major), whatever the group and length."""
-    sel = optimized.selected
-    default = sel.BLOCK_MAJOR_MAX_GROUP, sel.BLOCK_MAJOR_MIN_TOKENS
-    sel.BLOCK_MAJOR_MAX_GROUP, sel.BLOCK_MAJOR_MIN_TOKENS = (0, 1 << 40) if forward == "tiles" else (1 << 20, 0)
-    try:
-        yield
-    finally:
-        sel.BLOCK_MAJOR_MAX_GROUP, sel.BLOCK_MAJOR_MIN_TOKENS = default

@@ -6,11 +6,12 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from kernel_problems import DEVICE
-from sparse_problems import forward_method, problem, sparse_problems
+from sparse_problems import problem, sparse_problems
 
 import optimized
 import reference
 from optimized.nsa import combine_gates
+from optimized.selected import forced_forward
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, assert_close_to_reference, check_against_reference
 
@@ -38,7 +39,7 @@ def test_nsa_matches_reference(p: NSAProblem) -> None:
 def test_nsa_with_the_block_major_forward_matches_reference(p: NSAProblem) -> None:
     """The core with the selected forward block-major and Eq. 5 in its merge (the default of small groups at long
     sequences), forward and every gradient."""
-    with forward_method("blocks"):
+    with forced_forward("blocks"):
         check_against_reference("nsa_attention", optimized.nsa_attention, p, device=DEVICE)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from kernel_problems import DEVICE
-from sparse_problems import forward_method, problem, sparse_problems
+from sparse_problems import problem, sparse_problems
 
 import optimized.selected
 import reference
@@ -20,6 +20,7 @@ from optimized.selected import (
     _packed,
     _row_tiles,
     ascending_blocks,
+    forced_forward,
     invert_blocks,
     selected_attention,
     selected_attention_bwd,
@@ -40,7 +41,7 @@ CFG = NSAConfig(8, 4, 8, 3, 1, 1, window=16)
 def test_selected_matches_reference(forward: str, p: NSAProblem) -> None:
     """Both forwards at every group size: query tiles over the union of their blocks, and block-major (each block
     against the queries that selected it, then a merge), which the small groups run by default."""
-    with forward_method(forward):
+    with forced_forward(forward):
         check_against_reference("selected_attention", selected_attention, p, device=DEVICE)
 
 
@@ -158,7 +159,7 @@ def test_selected_gated_forward_is_the_combine_of_its_output(
     g = torch.Generator().manual_seed(5)
     gates = torch.rand((1, T, 2 * G, 3), generator=g).to(dtype).to(DEVICE)
     o_cmp, o_win = (torch.randn((1, T, 2 * G, D), generator=g).to(dtype).to(DEVICE) for _ in range(2))
-    with forward_method(forward):
+    with forced_forward(forward):
         o, lse = selected_attention_fwd(x.q, x.k_slc, x.v_slc, idx, CFG, D**-0.5, cu)
         o_g, lse_g, y = selected_attention_fwd(
             x.q, x.k_slc, x.v_slc, idx, CFG, D**-0.5, cu, gated=(gates, o_cmp, o_win)
@@ -214,6 +215,16 @@ def test_block_major_runs_for_small_groups_at_long_sequences(
     idx = ascending_blocks(_random_block_idx(1, T, 1, CFG.num_selected, CFG.select_block, seed=3)).to(DEVICE)
     selected_attention_fwd(x.q, x.k_slc, x.v_slc, idx, CFG, 16**-0.5, None, rows=rows)
     assert launched == (["blocks"] if expected else ["tiles"])
+
+
+def test_forced_forward_takes_tiles_or_blocks_and_restores_the_dispatch() -> None:
+    default = optimized.selected.BLOCK_MAJOR_MAX_GROUP, optimized.selected.BLOCK_MAJOR_MIN_TOKENS
+    with pytest.raises(ValueError, match="method must be 'tiles' or 'blocks'"), forced_forward("rows"):
+        pass
+    for method in ("tiles", "blocks"):
+        with forced_forward(method):
+            assert (optimized.selected.BLOCK_MAJOR_MIN_TOKENS == 0) == (method == "blocks")
+    assert (optimized.selected.BLOCK_MAJOR_MAX_GROUP, optimized.selected.BLOCK_MAJOR_MIN_TOKENS) == default
 
 
 def test_invert_blocks_lists_every_selection_once() -> None:
