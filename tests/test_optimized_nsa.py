@@ -213,10 +213,12 @@ def test_nsa_gpu_large(p: NSAProblem) -> None:
 
 
 @pytest.mark.gpu
-def test_nsa_never_waits_for_the_gpu() -> None:
+@pytest.mark.parametrize("forward", ["tiles", "blocks"])
+def test_nsa_never_waits_for_the_gpu(forward: str) -> None:
     """A dense batch's forward and backward issue no host sync (after the first call, which compiles and
     autotunes), so the host runs ahead of the device as a training loop needs; torch's sync debug mode raises
-    on any synchronising call (a blocking copy such as ``torch.tensor(list, device="cuda")``, ``.item()``)."""
+    on any synchronising call (a blocking copy such as ``torch.tensor(list, device="cuda")``, ``.item()``).
+    Both selected forwards (``forced_forward``)."""
     p = problem(1000, 2, 8, 64, 64, NSAConfig(), torch.bfloat16)
     x = p.tensors("cuda", requires_grad=True)
     args = (x.q, x.k_cmp, x.v_cmp, x.k_slc, x.v_slc, x.k_win, x.v_win, x.gates)
@@ -225,10 +227,11 @@ def test_nsa_never_waits_for_the_gpu() -> None:
         o = optimized.nsa_attention(*args, NSAConfig())
         torch.autograd.grad(o, args, torch.ones_like(o))
 
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with forced_forward(forward):
         step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
