@@ -350,10 +350,7 @@ def shape_metadata(build: Callable[[], tuple[torch.Tensor, ...]], key: tuple | N
     few dozen small launches per call. ``key=None`` (e.g. bounds that read ``cu_seqlens``' values) builds
     every time, and so do calls while ``torch.compile`` traces or a CUDA graph captures (the tensors would
     belong to the graph). The kernels only read these tensors."""
-    # is_compiling() first: dynamo cannot trace is_current_stream_capturing() (it returns a bool)
-    if key is None or torch.compiler.is_compiling():
-        return build()
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if key is None or torch.compiler.is_compiling() or capturing():
         return build()
     out = _METADATA.get(key)
     if out is None:
@@ -363,13 +360,30 @@ def shape_metadata(build: Callable[[], tuple[torch.Tensor, ...]], key: tuple | N
     return out
 
 
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph (False while dynamo traces, which
+    cannot trace ``is_current_stream_capturing()``: it returns a bool)."""
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+        return False
+    return torch.cuda.is_current_stream_capturing()
+
+
 def device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A short host list as a tensor on ``device``, without a host sync.
 
     ``torch.tensor(values, device="cuda")`` copies and then waits for the stream: the host stalls until the GPU
     has run everything queued before it, so a call that builds its metadata that way can never run ahead of
     the device. A non-blocking copy from (pageable) host memory returns once CUDA has staged the bytes.
+
+    While a CUDA graph captures, a copy from host memory would become a graph node that reads this call's
+    temporary host buffer at every replay, long after it is freed (or torch refuses it), so the values are
+    written on the device instead, one fill each (a handful: one per sequence).
     """
+    if capturing():
+        out = torch.empty(len(values), dtype=dtype, device=device)
+        for i, value in enumerate(values):
+            out[i] = value
+        return out
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 

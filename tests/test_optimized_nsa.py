@@ -112,6 +112,71 @@ def test_gate_folding_gives_the_branch_gradients_of_the_gated_do(dtype: torch.dt
             torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=bound, msg=f"{branch} {name}")
 
 
+def test_metadata_under_graph_capture_is_written_on_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a CUDA graph captures (simulated here), ``device_tensor`` writes the values on the device instead of
+    copying a host buffer that the graph would re-read at every replay, and ``shape_metadata`` builds afresh
+    instead of handing the graph cached tensors; the values are the same."""
+    from optimized import _common
+
+    device = torch.device(DEVICE)
+    values = [0, 300, 345, 1 << 40]
+    eager = _common.device_tensor(values, torch.int64, device)
+    copies = []
+    monkeypatch.setattr(_common, "capturing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "to", lambda *a, **k: copies.append(a) or pytest.fail("a host copy"))
+    captured = _common.device_tensor(values, torch.int64, device)
+    assert captured.device == device and not copies
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+    built = []
+
+    def build() -> tuple[torch.Tensor, ...]:
+        built.append(1)
+        return (captured,)
+
+    _common.shape_metadata(build, ("capture test",))
+    _common.shape_metadata(build, ("capture test",))
+    assert len(built) == 2 and ("capture test",) not in _common._METADATA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("forward", ["tiles", "blocks"])
+def test_nsa_training_step_replays_from_a_cuda_graph(forward: str) -> None:
+    """A dense batch's forward and backward capture in a CUDA graph (after a warm-up that compiles and
+    autotunes) and replay on new inputs as the eager calls compute them: no host sync, no host buffer read at
+    replay, the selection recomputed on the device. Both selected forwards (``forced_forward``)."""
+    cfg, names = NSAConfig(), ("q", "k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win", "gates")
+
+    def inputs(seed: int) -> list[torch.Tensor]:
+        x = problem(700, 2, 4, 64, 64, cfg, torch.bfloat16, batch=2, seed=seed).tensors("cuda")
+        return [getattr(x, n) for n in names]
+
+    static = [t.detach().clone().requires_grad_() for t in inputs(0)]
+    grad = torch.randn(static[0].shape, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        o = optimized.nsa_attention(*static, cfg)
+        return (o, *torch.autograd.grad(o, static, grad))
+
+    with forced_forward(forward):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = step()
+        for seed in (1, 2):
+            with torch.no_grad():
+                for t, new in zip(static, inputs(seed)):
+                    t.copy_(new)
+            graph.replay()
+            for name, got, want in zip(("o", *names), replayed, step()):
+                assert not got.isnan().any(), name
+                torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2, msg=name)
+
+
 def test_shape_metadata_is_built_once_per_shape() -> None:
     """A dense batch's key bounds and tiles are built once per shape and reused (the same tensors, equal to a
     fresh build from ``cu_seqlens = [0, T]``, which is never cached); the cache starts over when full."""
