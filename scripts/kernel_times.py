@@ -3,13 +3,14 @@
 Workloads: the NSA core's forward and backward at one length (``--core``; ``--forward-only``: the forward
 alone), and one decode step (``--decode``). Each runs ``--warmup`` times, then ``--iters`` times under the
 profiler; the table lists every kernel's calls and device time per iteration, largest first, and the JSON
-(``kernel_times.json`` in ``--out``) keeps them with the environment. Before the profile, the host's time per
+(``kernel_times.json`` in ``--out``) keeps them with the environment. After the profile, the host's time per
 iteration is measured apart from the device's: the device idle before each call, the time to issue the call
 (``host_us``) and the time until the device is done (``wall_us``), medians. A device time near ``wall_us``
 with a short ``host_us`` means the device is the limit; ``host_us`` near ``wall_us`` means the host is (or the
-call waits for the device). ``--selected-forward tiles|blocks`` forces the selected forward
-(``optimized.selected.forced_forward``). On the CPU (no CUDA) it profiles CPU ops instead, at small shapes: a
-smoke test of the script, not a measurement.
+call waits for the device); ``--host-profile`` adds where that host time goes (cProfile of the same calls: the
+top functions by their own time, and this repository's by their cumulative time, in ``host_profile.txt``).
+``--selected-forward tiles|blocks`` forces the selected forward (``optimized.selected.forced_forward``). On the
+CPU (no CUDA) it profiles CPU ops instead, at small shapes: a smoke test of the script, not a measurement.
 
     python scripts/kernel_times.py --core default 65536 --decode default 1 65536 --decode default 32 65536
     python scripts/kernel_times.py --core g4 8192 --forward-only --selected-forward blocks
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -74,6 +78,24 @@ def host_and_wall_us(fn: Callable[[], object], device: torch.device, iters: int)
     return {"host_us": statistics.median(host), "wall_us": statistics.median(wall)}
 
 
+def host_profile(fn: Callable[[], object], device: torch.device, iters: int, top: int) -> str:
+    """cProfile of ``iters`` calls, each from an idle device (so no time is the host waiting for it), as pstats
+    prints them: the ``top`` functions by their own time, then the ``top`` of this repository's kernels package
+    (``optimized/``) by cumulative time."""
+    profiler = cProfile.Profile()
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        profiler.enable()
+        fn()
+        profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats("optimized/", top)
+    return text.getvalue()
+
+
 def kernel_table(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[dict[str, Any]]:
     """[{name, calls, us}] per iteration, largest first: device kernels on CUDA, CPU ops on the CPU."""
     cuda = device.type == "cuda"
@@ -109,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", nargs=3, action="append", default=[], metavar=("CONFIG", "B", "CONTEXT"))
     p.add_argument("--forward-only", action="store_true", help="the core's forward alone (no autograd graph)")
     p.add_argument("--selected-forward", choices=("tiles", "blocks"), help="force the selected forward")
+    p.add_argument("--host-profile", action="store_true", help="where the host's time goes (cProfile)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--top", type=int, default=15, help="rows printed per table")
@@ -129,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         forced = optimized.selected.forced_forward(args.selected_forward)
     else:
         label_suffix, forced = "", contextlib.nullcontext()
-    results, host_times = {}, {}
+    results, host_times, profiles = {}, {}, []
     with forced:
         for label, fn in workloads:
             label += label_suffix
@@ -137,7 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             host = host_and_wall_us(fn, device, args.iters) if device.type == "cuda" else {}
             print_table(label, rows, args.top, "device" if device.type == "cuda" else "CPU", host)
             results[label], host_times[label] = rows, host
+            if args.host_profile:
+                profiles.append(f"== {label}\n{host_profile(fn, device, args.iters, args.top)}")
+                print(profiles[-1])
     args.out.mkdir(parents=True, exist_ok=True)
+    if profiles:
+        (args.out / "host_profile.txt").write_text("\n".join(profiles))
     record = {"env": environment(device), "tables": results, "host": host_times}
     (args.out / "kernel_times.json").write_text(json.dumps(record, indent=1))
     return 0

@@ -35,11 +35,13 @@ def test_kernel_times_script(tmp_path: Path) -> None:
     table = json.loads((tmp_path / "kernel_times.json").read_text())["tables"]["core tiny T=24"]
     names = {row["name"] for row in table}
     assert {"nsa::interval_attention_fwd", "nsa::select_blocks", "nsa::selected_attention_bwd"} <= names
-    forward = [*argv, "--forward-only", "--selected-forward", "blocks"]
+    forward = [*argv, "--forward-only", "--selected-forward", "blocks", "--host-profile"]
     assert kernel_times.main(forward) == 0
     table = json.loads((tmp_path / "kernel_times.json").read_text())["tables"]
     names = {row["name"] for row in table["forward tiny T=24 selected-forward=blocks"]}
     assert "nsa::selected_attention_gated_fwd" in names and "nsa::selected_attention_bwd" not in names
+    profile = (tmp_path / "host_profile.txt").read_text()
+    assert "(selected_fwd_block_kernel)" in profile and "(selected_fwd_kernel)" not in profile  # forced forward
     with pytest.raises(SystemExit):
         kernel_times.main(["--core", "no_such_config", "24"])
 
