@@ -81,14 +81,16 @@ def host_and_wall_us(fn: Callable[[], object], device: torch.device, iters: int)
 def host_profile(fn: Callable[[], object], device: torch.device, iters: int, top: int) -> str:
     """cProfile of ``iters`` calls, each from an idle device (so no time is the host waiting for it), as pstats
     prints them: the ``top`` functions by their own time, then the ``top`` of this repository's kernels package
-    (``optimized/``) by cumulative time."""
+    (``optimized/``) by cumulative time. The backward runs on this thread (cProfile sees one thread; autograd
+    would run a CUDA backward on a thread of its own)."""
     profiler = cProfile.Profile()
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        profiler.enable()
-        fn()
-        profiler.disable()
+    with torch.autograd.set_multithreading_enabled(False):
+        for _ in range(iters):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            profiler.enable()
+            fn()
+            profiler.disable()
     text = io.StringIO()
     stats = pstats.Stats(profiler, stream=text)
     stats.sort_stats("tottime").print_stats(top)
