@@ -31,10 +31,11 @@ def test_kernel_times_script(tmp_path: Path) -> None:
     """kernel_times.py profiles CPU ops on the CPU: the table has the NSA custom ops."""
     kernel_times = load_script("kernel_times")
     argv = ["--core", "tiny", "24", "--warmup", "0", "--iters", "1", "--out", str(tmp_path), "--device", str(DEVICE)]
-    assert kernel_times.main(argv) == 0
+    assert kernel_times.main([*argv, "--host-profile"]) == 0
     table = json.loads((tmp_path / "kernel_times.json").read_text())["tables"]["core tiny T=24"]
     names = {row["name"] for row in table}
     assert {"nsa::interval_attention_fwd", "nsa::select_blocks", "nsa::selected_attention_bwd"} <= names
+    assert "(selected_attention_bwd)" in (tmp_path / "host_profile.txt").read_text()  # the backward is profiled
     forward = [*argv, "--forward-only", "--selected-forward", "blocks", "--host-profile"]
     assert kernel_times.main(forward) == 0
     table = json.loads((tmp_path / "kernel_times.json").read_text())["tables"]
