@@ -382,7 +382,7 @@ def device_tensor(values: list[int], dtype: torch.dtype, device: torch.device) -
     if capturing():
         out = torch.empty(len(values), dtype=dtype, device=device)
         for i, value in enumerate(values):
-            out[i] = value
+            out[i].fill_(value)  # the value is a kernel argument (``out[i] = value`` would copy a CPU scalar tensor)
         return out
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
