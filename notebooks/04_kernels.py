@@ -222,9 +222,10 @@ print(f"union size over all {union_sizes.size} programs: mean {union_sizes.mean(
 from optimized.selected import invert_blocks, selected_attention_fwd
 
 idx32 = block_idx[0].to(torch.int32)  # [T, H, n], ascending, -1 padded
-key, start, end, query_of, entry_of, *_, NB = invert_blocks(idx32, [T], cfg.select_block, chunk=16)
+key, start, end, entry_of, *_, NB = invert_blocks(idx32, [T], cfg.select_block, chunk=16)
 chunks = [w for w in range(key.numel()) if int(key[w]) == 0 * NB + 2 and int(end[w]) > int(start[w])]
-positions = [int(query_of[e]) for w in chunks for e in range(int(start[w]), int(end[w]))]
+H_kv, n = idx32.shape[1:]
+positions = [int(entry_of[e]) // (H_kv * n) for w in chunks for e in range(int(start[w]), int(end[w]))]
 print(f"block 2 of kv head 0 was chosen by {len(positions)} positions, in {len(chunks)} chunks of at most 16:",
       positions[:12], "...")
 

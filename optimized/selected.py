@@ -469,9 +469,9 @@ def selected_bwd_dkv_kernel(
     dk,  # [TT, H, DK] float32, zeroed: chunks add into it
     dv,  # [TT, H, DV] float32, zeroed
     work_key,  # [W] int32: kv head * NB + global block of each chunk
-    work_start,  # [W] int32: the chunk's first entry in `query_of`
+    work_start,  # [W] int32: the chunk's first entry in `entry_of`
     work_end,  # [W] int32: one past its last (<= start for an empty chunk)
-    query_of,  # [TT * H * N] int32: packed query positions, grouped by (head, block), ascending inside
+    entry_of,  # [TT * H * N] int32: the entries (t H + h) N + j of block_idx, grouped by (head, block)
     block_start,  # [NB] int32: first packed token of every global block
     block_end,  # [NB] int32: one past its last (the sequence may end inside it)
     scale,
@@ -479,6 +479,7 @@ def selected_bwd_dkv_kernel(
     TUNE_T,  # the autotuner's size bucket (_TUNE_KEY), not read
     H: tl.constexpr,
     G: tl.constexpr,
+    N: tl.constexpr,
     LS: tl.constexpr,
     DK: tl.constexpr,
     DV: tl.constexpr,
@@ -504,7 +505,7 @@ def selected_bwd_dkv_kernel(
         for r0 in range(0, (e1 - e0) * G, BM):
             o_r = r0 + o_m  # [BM] rows (entry, head) of the chunk
             m_r = o_r < (e1 - e0) * G
-            o_t = tl.load(query_of + e0 + o_r // G, mask=m_r, other=0)  # [BM] packed query positions
+            o_t = tl.load(entry_of + e0 + o_r // G, mask=m_r, other=0) // (H * N)  # [BM] packed query positions
             o_row = o_t.to(tl.int64) * HQ + i_h * G + o_r % G  # [BM] index into [TT, HQ]
             m_st = m_n[:, None] & m_r[None, :] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
             b_dk, b_dv = attn_bwd_dkv_step(
@@ -614,8 +615,9 @@ def ascending_blocks(block_idx: torch.Tensor) -> torch.Tensor:
 
 
 # The block-major forward runs for groups of at most BLOCK_MAJOR_MAX_GROUP heads from BLOCK_MAJOR_MIN_TOKENS packed
-# tokens on: on an H100 at G = 4 it took the branch from 15.1 to 5.8 ms at 64k and 3.2 to 1.5 at 16k, but at 8k the
-# core's forward was slower with it (1.9 -> 2.8 ms; whether the host's list building or the device, not yet known).
+# tokens on: on an H100 at G = 4 it took the branch from 15.1 to 5.8 ms at 64k and 3.2 to 1.5 at 16k. At 8k the core's
+# forward read slower with it (1.9 -> 2.8 ms) on a machine whose host was the limit (its device time is about 1.3 ms:
+# benchmarks/README.md, "The 8k question"); the threshold stays until one machine times both.
 BLOCK_MAJOR_MAX_GROUP = 4
 BLOCK_MAJOR_MIN_TOKENS = 16384
 FWD_CHUNK = 128  # query positions per program of the block-major forward (the interpreter: 64)
@@ -667,9 +669,7 @@ def selected_attention_fwd(
         block_major = HQ // H <= BLOCK_MAJOR_MAX_GROUP and big and rows == TILE_ROWS
     if block_major:
         chunk = 64 if is_interpreting() else FWD_CHUNK
-        key, start, end, _, entry_of, block_start, block_end, NB = invert_blocks(
-            idx2, lengths, config.select_block, chunk
-        )
+        key, start, end, entry_of, block_start, block_end, NB = invert_blocks(idx2, lengths, config.select_block, chunk)
         o_part = torch.empty(B * T * HQ * N, DV, dtype=q.dtype, device=q.device)
         lse_part = torch.full((B * T * HQ * N,), float("-inf"), device=q.device)  # unlisted slots: none
         selected_fwd_block_kernel[(key.numel(),)](
@@ -696,9 +696,9 @@ def invert_blocks(
 
     block_idx [TT, H, n] int32 (per-sequence block numbers, -1 = none). Blocks are numbered globally
     (sequence after sequence, NB in all). One stable sort on the device, no host sync. Returns
-    (work_key, work_start, work_end) [W] with W an upper bound (extra chunks are empty), query_of
-    [TT * H * n] (the packed query position of each listed entry) and entry_of (the entry itself, its flat
-    index ``(t H + h) n + j`` into block_idx), block_start [NB], block_end [NB], all int32, and NB.
+    (work_key, work_start, work_end) [W] with W an upper bound (extra chunks are empty), entry_of [TT * H * n]
+    (each listed entry's flat index ``(t H + h) n + j`` into block_idx, so its packed query position is
+    ``entry // (H n)``), block_start [NB], block_end [NB], all int32, and NB.
     """
     device = block_idx.device
     TT, H, N = block_idx.shape
@@ -725,7 +725,7 @@ def invert_blocks(
     listed = (idx >= 0) & (idx < token_blocks[:, None, None])  # a block past the sequence's end: none
     key = torch.where(listed, heads * NB + token_block0[:, None, None] + idx, H * NB).flatten()  # [TT * H * n]
     key_sorted, order = torch.sort(key, stable=True)
-    query_of, entry_of = (order // (H * N)).to(torch.int32), order.to(torch.int32)
+    entry_of = order.to(torch.int32)
     # entries per (head, block) from the sorted keys: torch.bincount would sync with the host to size its output
     ends = torch.searchsorted(key_sorted, torch.arange(1, H * NB + 1, device=device))  # [H * NB] keys <= b
     counts = ends - torch.nn.functional.pad(ends[:-1], (1, 0))
@@ -737,7 +737,7 @@ def invert_blocks(
     start = ends[owner] - counts[owner] + (w - (last_chunk[owner] - n_chunks[owner])) * chunk
     end = torch.where(w < last_chunk[-1], torch.minimum(start + chunk, ends[owner]), start)
     as_i32 = lambda x: x.to(torch.int32)
-    return as_i32(owner), as_i32(start), as_i32(end), query_of, entry_of, block_start, block_end, NB
+    return as_i32(owner), as_i32(start), as_i32(end), entry_of, block_start, block_end, NB
 
 
 def selected_attention_bwd(
@@ -775,11 +775,11 @@ def selected_attention_bwd(
         HAS_DQ_PREV=has_prev, TMA=tma, **meta,
     )  # fmt: skip
     chunk = 64 if is_interpreting() else 512
-    key, start, end, query_of, _, block_start, block_end, NB = invert_blocks(idx2, lengths, config.select_block, chunk)
+    key, start, end, entry_of, block_start, block_end, NB = invert_blocks(idx2, lengths, config.select_block, chunk)
     dk = torch.zeros(k2.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v2.shape, dtype=torch.float32, device=q.device)
     selected_bwd_dkv_kernel[(key.numel(),)](
-        q2, k2, v2, do2, lse2, delta, dk, dv, key, start, end, query_of, block_start, block_end, scale, NB,
+        q2, k2, v2, do2, lse2, delta, dk, dv, key, start, end, entry_of, block_start, block_end, scale, NB, N=N,
         **meta,
     )  # fmt: skip
     return dq.view(q.shape), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype)

@@ -69,7 +69,7 @@ KERNELS = {
     # the selected dK/dV: one program per (kv head, block, chunk of the queries that selected it)
     "selected_dkv": (
         selected.selected_bwd_dkv_kernel,
-        {**DIMS, "LS": 64, "BN": 64},
+        {**DIMS, "N": 16, "LS": 64, "BN": 64},
         {"dk": "*fp32", "dv": "*fp32", "NB": "i32", "TUNE_T": "i32"},
     ),
     # the block-major selected forward (small groups, long sequences) at G = 4 and 1, its merge (gated: the core's)

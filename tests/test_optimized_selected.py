@@ -230,7 +230,7 @@ def test_forced_forward_takes_tiles_or_blocks_and_restores_the_dispatch() -> Non
 def test_invert_blocks_lists_every_selection_once() -> None:
     lengths = [20, 7, 33]
     idx = torch.cat([_random_block_idx(1, n, 2, 3, 4, seed=n)[0] for n in lengths])  # [TT, H, n]
-    key, start, end, query_of, entry_of, block_start, block_end, NB = invert_blocks(idx.int(), lengths, 4, chunk=5)
+    key, start, end, entry_of, block_start, block_end, NB = invert_blocks(idx.int(), lengths, 4, chunk=5)
     assert NB == sum(-(-n // 4) for n in lengths)
     assert int((end - start).clamp_min(0).max()) <= 5
     seen = []
@@ -239,10 +239,10 @@ def test_invert_blocks_lists_every_selection_once() -> None:
     for w in range(key.numel()):
         h, blk = divmod(int(key[w]), NB)
         for e in range(int(start[w]), int(end[w])):
-            t = int(query_of[e])
+            t, h_e = divmod(int(entry_of[e]) // 3, 2)  # the entry (t H + h) n + j
             s = max(i for i in range(3) if first[i] <= t)
             local = blk - seq_block0[s]
-            assert int(entry_of[e]) // (2 * 3) == t and int(idx.flatten()[int(entry_of[e])]) == local  # (t H + h) n + j
+            assert h_e == h and int(idx.flatten()[int(entry_of[e])]) == local
             assert int(block_start[blk]) == first[s] + 4 * local
             assert int(block_end[blk]) == min(first[s] + 4 * local + 4, first[s] + lengths[s])
             seen.append((t, h, local))
