@@ -15,7 +15,6 @@ first config, so each kernel runs a handful of times (the combine kernels: the b
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -68,18 +67,17 @@ def main() -> int:
             if isinstance(kernel, triton.runtime.Autotuner):
                 kernel.configs = kernel.configs[:1]
     failures = 0
-    runs = [(p, name, fn) for p in PROBLEMS for name, fn in FUNCTIONS]
-    runs += [(p, name, fn) for p in PROBLEMS for name, fn in FUNCTIONS[1:]]  # again with the block-major forward
-    for i, (p, name, fn) in enumerate(runs):
-        block_major = i >= len(PROBLEMS) * len(FUNCTIONS)
+    runs = [(p, name, fn, "tiles") for p in PROBLEMS for name, fn in FUNCTIONS]
+    runs += [(p, name, fn, "blocks") for p in PROBLEMS for name, fn in FUNCTIONS[1:]]  # the block-major forward
+    for p, name, fn, forward in runs:
         try:
-            with selected.forced_forward("blocks") if block_major else contextlib.nullcontext():
+            with selected.forced_forward(forward):
                 check_against_reference(name, fn, p, device="cuda", reference_device="cpu")
             status = "ok"
         except AssertionError as e:
             failures += 1
             status = f"FAILED: {e}"
-        print(f"{name:20s} T={p.seq_len} H={p.kv_heads} G={p.group} {p.dtype}{' block-major' * block_major}: {status}")
+        print(f"{name:20s} T={p.seq_len} H={p.kv_heads} G={p.group} {p.dtype} {forward}: {status}")
     for seed, dtype in enumerate((torch.bfloat16, torch.float16)):
         try:
             check_combine_gates(dtype, seed)
