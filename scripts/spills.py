@@ -13,6 +13,8 @@ compare two versions of a kernel that is bound by instruction issue (the selecti
 not a timing. It also gives the hot path (the code before the first unpredicated ``EXIT``; after it, the
 compiler's fallback for divergent shuffles) and the body of each of its loops, so that a change can be
 judged per loop iteration (e.g. per chunk of the selection). ``--sass-dir DIR`` also writes the ``.sass`` files.
+``--lines N`` attributes each loop body's instructions to the source lines they came from (the cubin's line
+table; Triton's library functions such as ``tl.sum`` are named by their own file), the N largest per loop.
 """
 
 from __future__ import annotations
@@ -160,11 +162,13 @@ def _signature(fn: JITFunction, constexprs: dict, overrides: dict[str, str]) -> 
     return sig
 
 
-def disassemble(cubin: bytes, save_as: str | None = None) -> str:
-    """The SASS of a compiled kernel (nvdisasm of the cubin), also written to ``save_as`` if given."""
+def disassemble(cubin: bytes, save_as: str | None = None, lines: bool = False) -> str:
+    """The SASS of a compiled kernel (nvdisasm of the cubin), also written to ``save_as`` if given; ``lines``:
+    with the source line of each instruction (``//## File "...", line N`` comments)."""
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(cubin)
-    sass = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    cmd = [NVDISASM, "-c", "-g", f.name] if lines else [NVDISASM, "-c", f.name]
+    sass = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     os.unlink(f.name)
     if save_as:
         with open(save_as, "w") as f:
@@ -180,29 +184,68 @@ def sass_counts(sass: str) -> collections.Counter:
     return collections.Counter(_OPCODE.findall(sass))
 
 
-def hot_loops(sass: str) -> tuple[int, list[tuple[int, int, int, int]]]:
-    """The hot path (instructions before the first unpredicated EXIT: the cold code after it handles divergent
-    shuffles) and its loops, each a backward branch: (first instruction, body size, barriers, shuffles)."""
-    labels, code = {}, []
+_SOURCE = re.compile(r'//## File "([^"]+)", line (\d+)')
+
+
+def _hot_path(sass: str) -> tuple[dict[str, int], list[tuple[str, str, tuple[str, int] | None]]]:
+    """Labels and instructions (opcode, text, source line if the SASS has them) of the hot path: the code before
+    the first unpredicated EXIT (the cold code after it handles divergent shuffles)."""
+    labels, code, source = {}, [], None
     for line in sass.splitlines():
+        where = _SOURCE.search(line)
         label = re.match(r"\s*(\.L_x_\d+):", line)
         op = _OPCODE.search(line)
-        if label:
+        if where:
+            source = (where.group(1), int(where.group(2)))
+        elif label:
             labels[label.group(1)] = len(code)
         elif op:
-            code.append((op.group(1), line))
+            code.append((op.group(1), line, source))
             if op.group(1) == "EXIT" and "@" not in line:
                 break
+    return labels, code
+
+
+def _loop_bodies(sass: str) -> tuple[int, list[tuple[int, list]]]:
+    """The hot path's length and its loops, each a backward branch: (first instruction, body instructions)."""
+    labels, code = _hot_path(sass)
     loops = []
-    for end, (op, line) in enumerate(code):
+    for end, (op, line, _) in enumerate(code):
         target = re.search(r"`\((\.L_x_\d+)\)", line) if op == "BRA" else None
         if target and labels.get(target.group(1), end + 1) <= end:
-            body = [o for o, _ in code[labels[target.group(1)] : end + 1]]
-            loops.append((labels[target.group(1)], len(body), body.count("BAR"), body.count("SHFL")))
-    return len(code), sorted(loops)
+            loops.append((labels[target.group(1)], code[labels[target.group(1)] : end + 1]))
+    return len(code), sorted(loops, key=lambda loop: loop[0])
 
 
-def report(name: str, sass: bool = False, sass_dir: str | None = None) -> None:
+def hot_loops(sass: str) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """The hot path's length and its loops: (first instruction, body size, barriers, shuffles)."""
+    hot, loops = _loop_bodies(sass)
+    ops = [(start, [op for op, _, _ in body]) for start, body in loops]
+    return hot, [(start, len(body), body.count("BAR"), body.count("SHFL")) for start, body in ops]
+
+
+def loop_lines(sass: str, top: int) -> str:
+    """Per loop of the hot path, its instructions by source line (SASS from ``disassemble(..., lines=True)``)."""
+    sources: dict[str, list[str]] = {}
+
+    def text(where: tuple[str, int] | None) -> str:
+        if where is None:
+            return "(no line)"
+        path, n = where
+        if path not in sources:
+            sources[path] = open(path).read().splitlines() if os.path.exists(path) else []
+        code = sources[path][n - 1].strip() if n <= len(sources[path]) else ""
+        return f"{os.path.basename(path)}:{n} {code[:100]}"
+
+    out = []
+    for start, body in _loop_bodies(sass)[1]:
+        out.append(f"    loop @{start}: {len(body)} instructions")
+        counts = collections.Counter(where for _, _, where in body)
+        out += [f"      {n:5d}  {text(where)}" for where, n in counts.most_common(top)]
+    return "\n".join(out)
+
+
+def report(name: str, sass: bool = False, sass_dir: str | None = None, lines: int = 0) -> None:
     kernel, constexprs, overrides, *launch = KERNELS[name]
     fn = kernel
     while not isinstance(fn, JITFunction):
@@ -242,9 +285,9 @@ def report(name: str, sass: bool = False, sass_dir: str | None = None) -> None:
             "?",
         )
         print(f"{label}  regs {regs:>3s}  spill stores {spill:>5s} B  smem {compiled.metadata.shared // 1024:3d} KiB")
-        if sass or sass_dir:
+        if sass or sass_dir or lines:
             path = os.path.join(sass_dir, f"{name}_w{cfg.num_warps}_s{cfg.num_stages}.sass") if sass_dir else None
-            code = disassemble(compiled.asm["cubin"], path)
+            code = disassemble(compiled.asm["cubin"], path, lines=lines > 0)
             ops = sass_counts(code)
             top = " ".join(f"{op}:{n}" for op, n in ops.most_common(12))
             mma = f"HMMA {ops['HMMA']}, HGMMA {ops['HGMMA']}, UTMALDG {ops['UTMALDG']}"
@@ -252,6 +295,8 @@ def report(name: str, sass: bool = False, sass_dir: str | None = None) -> None:
             hot, loops = hot_loops(code)
             nest = ", ".join(f"@{start}: {n} ({bars} BAR, {shfl} SHFL)" for start, n, bars, shfl in loops)
             print(f"    hot path: {hot} instructions; loops (first instruction: body): {nest or 'none'}")
+            if lines:
+                print(loop_lines(code, lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("kernels", nargs="*", help=f"default: all of {', '.join(KERNELS)}")
     p.add_argument("--sass", action="store_true", help="also count the SASS instructions by opcode")
     p.add_argument("--sass-dir", help="also write each config's SASS there")
+    p.add_argument("--lines", type=int, default=0, metavar="N", help="each loop's N busiest source lines")
     args = p.parse_args(argv)
     for name in args.kernels:
         if name not in KERNELS:
@@ -266,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sass_dir:
         os.makedirs(args.sass_dir, exist_ok=True)
     for name in args.kernels or list(KERNELS):
-        report(name, args.sass, args.sass_dir)
+        report(name, args.sass, args.sass_dir, args.lines)
     return 0
 
 
