@@ -75,11 +75,11 @@ def test_check_configs_passes_and_catches(monkeypatch: pytest.MonkeyPatch, capsy
 
 def test_spills_reports_registers_and_sass(tmp_path: Path) -> None:
     """spills.py compiles a kernel for sm_90 on the CPU, reports ptxas' registers and counts its SASS, on its hot
-    path and per loop (in its own process: this one runs the kernels in the interpreter, where they cannot be
-    compiled)."""
+    path and per loop, with each loop's busiest source lines (in its own process: this one runs the kernels in the
+    interpreter, where they cannot be compiled)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = [sys.executable, str(SCRIPTS / "spills.py")]
-    argv = [*run, "decode_select", "decode_compressed", "--sass-dir", str(tmp_path)]
+    argv = [*run, "decode_select", "decode_compressed", "--sass-dir", str(tmp_path), "--lines", "3"]
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "decode_select" in done.stdout and "regs" in done.stdout and "spill stores" in done.stdout
@@ -89,6 +89,13 @@ def test_spills_reports_registers_and_sass(tmp_path: Path) -> None:
     loops = re.findall(r"@(\d+): (\d+) \((\d+) BAR", done.stdout.split("decode_compressed")[-1])
     assert loops and all(0 < int(body) < hot[-1] for _, body, _ in loops)  # the pass's loop over its tiles
     assert any(path.read_text().count("BAR.SYNC") for path in tmp_path.glob("decode_select_*.sass"))
+    # each loop's body, attributed to source lines: at most 3 lines each, their counts within the body's size
+    attributed = re.findall(r"loop @\d+: (\d+) instructions\n((?:      .*\n?)+)", done.stdout)
+    assert attributed
+    for body, lines in attributed:
+        counts = [int(n) for n in re.findall(r"^\s+(\d+)  ", lines, flags=re.M)]
+        assert 0 < len(counts) <= 3 and sum(counts) <= int(body)
+    assert re.search(r"^\s+\d+  decode\.py:\d+ \S", done.stdout, flags=re.M)  # the kernel's own code, by line
     bad = subprocess.run([*run, "no_such_kernel"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "kernel must be one of" in bad.stderr
 
