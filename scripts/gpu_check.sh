@@ -19,7 +19,8 @@
 #
 # Environment: OUT, BUDGET_S, PYTHON (python3), TEST_TIMEOUT (240 s: every test process ends by then;
 # the files run in parallel, their large-shape parts one after another on a card under 100 GB), TEST_FILES,
-# HYPOTHESIS_PROFILE (gpu), SANITIZE_TIMEOUT (90 s per run),
+# TEST_K (a pytest -k expression for every test file, e.g. "gpu_large or replays"), HYPOTHESIS_PROFILE (gpu),
+# SANITIZE_TIMEOUT (90 s per run),
 # SANITIZE_MATCH (only the sanitizer runs whose command matches this extended regex, e.g. "sparse|decode"),
 # BENCH_MINUTES (6, the most the benchmark gets), DECODE_TIMEOUT (150 s), BOUNDS_TIMEOUT (120 s),
 # BENCH_ARGS, DECODE_ARGS, BOUNDS_ARGS (extra flags), AB_CMD and AB_TIMEOUT (90 s per run, twice that in round 1) for the ab step
@@ -110,11 +111,13 @@ if want tests; then
     # large-shape parts run one after another: each holds float64 references of up to 45 GB, and side by side
     # they ran an 80 GB H100 out of memory (ninth session); there, split TEST_FILES over calls.
     deadline=$(($(date +%s) + limit))
-    run_part() {  # run_part FILE [K]: pytest FILE (-k K) until the deadline, log and exit status to $LOGS
+    run_part() {  # run_part FILE [K]: pytest FILE (-k K, and TEST_K) until the deadline, log and exit status to $LOGS
         local log=$LOGS/$(basename "$1" .py)${2:+-${2// /-}}.log left=$((deadline - $(date +%s)))
+        local k=${2:-}
+        [[ -n ${TEST_K:-} ]] && k="(${TEST_K})${k:+ and ($k)}"
         ((left < 1)) && left=1
         HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-gpu} NSA_AUTOTUNE=0 timeout -k 10 "$left" \
-            "$PY" -m pytest "$1" ${2:+-k "$2"} -q -p no:cacheprovider --durations=5 >"$log" 2>&1
+            "$PY" -m pytest "$1" ${k:+-k "$k"} -q -p no:cacheprovider --durations=5 >"$log" 2>&1
         echo "rc=$?" >>"$log"
     }
     large=()
@@ -135,7 +138,7 @@ if want tests; then
     wait
     for log in "$LOGS"/*.log; do
         rc=$(tail -n1 "$log" | sed 's/rc=//')
-        case $rc in 0) status=ok ;; 124 | 137) status=TIMEOUT ;; *) status="FAILED rc=$rc" ;; esac
+        case $rc in 0) status=ok ;; 5) status="none selected" ;; 124 | 137) status=TIMEOUT ;; *) status="FAILED rc=$rc" ;; esac
         printf '%-34s %-14s %s\n' "pytest $(basename "$log" .log)" "$status" \
             "$(grep -E '[0-9]+ (passed|failed|error)' "$log" | tail -1)" >>"$SUMMARY"
     done
