@@ -9,9 +9,13 @@ walks the selection blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compres
    ``p = exp2(s * scale * log2 e - lse * log2 e)`` rebuilt from the compressed branch's saved
    log-sum-exp (Eq. 8), then summed over the group's rows (Eq. 10; the overlap map is linear, so summing
    first is exact and maps once instead of ``G`` times);
-2. the overlap map (Eq. 9) with the on-the-fly weight tile
-   ``W[i, j] = |[i d, i d + l) ∩ [j l', (j+1) l')| / d`` ``[BC, BS]`` (small integers, so exact in tf32;
-   ``tf32x3`` keeps the probabilities at fp32 accuracy); the part of the chunk's last compressed blocks
+2. the overlap map (Eq. 9), ``W[i, j] = |[i d, i d + l) ∩ [j l', (j+1) l')| / d``. Where a chunk is one tile of
+   exactly ``R = l' / d`` compressed blocks per selection block (``STENCIL``), it is a stencil on the sums
+   viewed as ``[BT, BS, R]`` (``l <= l'``: a compressed block reaches at most into the next selection block):
+   compressed block ``j R + r`` gives block ``j`` its ``b_win[r]`` strides and block ``j + 1`` its
+   ``b_wout[r]`` (shifted by one block with ``tl.gather``), in fp32. Otherwise the weight tile ``[BC, BS]``
+   is built on the fly (small integers, so exact in tf32; ``tf32x3`` keeps the probabilities at fp32
+   accuracy). The part of the chunk's last compressed blocks
    that spills into the next chunk's first selection block is carried in a ``[BT]`` vector;
 3. each block of the chunk gets an int64 key, all distinct: the score's float bits (non-negative floats
    order as integers; forced blocks ``+inf``) in the high word, ``2^31 - 1 - j`` in the low word, so that of
@@ -19,9 +23,10 @@ walks the selection blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compres
    ``NP`` best keys so far as a set ``[BT, NP]`` in registers (in any order) with its smallest, the *worst*.
    A chunk goes in by rounds: in each, a row's best remaining chunk key takes the worst's slot if it beats it.
    The rounds stop after ``n_up``, the most chunk keys of a row above its worst when the chunk arrives, which
-   bounds every row's insertions; once the set holds good keys most chunks need 0 to 3 rounds. With chunks
-   of 16 blocks or more (``G = 16``), a chunk that needs more than ``ROUNDS`` (4) is merged by ranks
-   instead: a key's rank in the union is the count of greater keys, and slot ``r`` takes the key of rank ``r``.
+   bounds every row's insertions; once the set holds good keys most chunks need 0 to 3 rounds. A chunk that
+   needs more than ``ROUNDS`` is merged by ranks instead: a key's rank in the union is the count of greater
+   keys, and slot ``r`` takes the key of rank ``r`` (by default only without the stencil, at chunks of 16
+   blocks or more, past 4 rounds: :func:`select_tiles`).
 
 At the end each row's top ``n`` keys (rank by pairwise comparison) are stored in ascending block order, with
 ``-1`` padding. Memory is ``O(T n)``: no ``[T, TC]`` or ``[T, NS]`` tensor is ever written, and the registers
@@ -30,19 +35,18 @@ limit on ``NS`` (128k tokens are 2048 blocks at ``l' = 64``). ``DK <= 256`` (one
 
 Costs: the ``q k~^T`` products equal one compressed-attention forward's first matmul (this is the second
 pass, which needs the final log-sum-exp), and one ``exp2`` per (row, visible compressed block). Per
-compressed tile a program reads one ``[BK, BC]`` key tile; ``q`` is read once. The map adds
-``BT * BC * BS`` multiply-adds per tile, once per group: a tf32x3 matmul when ``BT >= 16``, else a
-broadcast sum in fp32. A round costs two reductions (a row's best chunk key, its new worst) and
-``BT * (2 BS + 2 NP)`` int64 comparisons and selects; a merge by ranks ``BT * BS * (BS + 3 NP) + 2 BT NP^2``.
-On random scores at 64k a chunk needs 3.7 rounds on average at G = 16 (16 blocks) and 2.4 at G = 4 (8
-blocks): by the SASS (93 and 137 instructions per thread a round, about 370 and 810 a merge), rounds alone
-would cost G = 16 as much as merging every chunk, and G = 4 less than half; rounds up to 4, else a merge,
-cost G = 16 about 230 per chunk. :func:`select_tiles` keeps the tiles small
-enough that nothing spills at G = 16, 4, 2 or 1 (``ptxas -v``: ``scripts/spills.py``). Measured (H100 at
-64k, Nsight Compute, ``docs/performance.md``, with the merge by ranks): the kernel is bound by integer
-instructions (the ALU pipe at 65%, 254 registers, 12.5% occupancy), not by its matmuls or memory; hence the
-per-row visibility counts, the overlap weights built once per program, and no visibility mask on the tiles
-that every row sees whole.
+compressed tile a program reads one ``[BK, BC]`` key tile; ``q`` is read once. The stencil map adds
+``2 BT BC`` multiply-adds per tile, once per group (the weight tile: ``BT * BC * BS``, a tf32x3 matmul when
+``BT >= 16``, else a broadcast sum). A round costs two reductions (a row's best chunk key, its new worst)
+and ``BT * (2 BS + 2 NP)`` int64 comparisons and selects; a merge by ranks ``BT * BS * (BS + 3 NP) + 2 BT
+NP^2``. On random scores at 64k a chunk needs 3.7 rounds on average at G = 16 (16 blocks) and 2.4 at G = 4
+(8 blocks). The kernel is bound by integer instructions (Nsight Compute, H100 at 64k, before the stencil:
+the ALU pipe at 65%), not by its matmuls or memory, so its cost is read on the SASS (``scripts/spills.py
+--lines``): at G = 16 (``num_warps=4``) a chunk is about 1040 instructions per thread with the stencil
+(registers 162), against about 1580 with the broadcast map, its merges and its several keys per thread (231
+registers); a round 65 against 175. :func:`select_tiles` keeps the tiles small enough that nothing spills at
+G = 16, 4, 2 or 1. Hence also the per-row visibility counts, the overlap weights built once per program,
+and no visibility mask on the tiles that every row sees whole.
 """
 
 from __future__ import annotations
@@ -150,11 +154,19 @@ def select_blocks_kernel(
     b_worst = tl.full([BT], -NP, tl.int64)  # [BT] the list's smallest key
     b_lse2 = b_lse * _LOG2E  # [BM]
     b_carry = tl.zeros([BT], tl.float32)
-    # the overlap weights (Eq. 9) repeat from chunk to chunk (i + R and j + 1 overlap as i and j do): with one
-    # compressed tile per chunk they are computed once, for the chunk's blocks and for the next chunk's first
+    # the overlap weights (Eq. 9) repeat from chunk to chunk (i + R and j + 1 overlap as i and j do). With one
+    # compressed tile of exactly R blocks per selection block the map is a stencil, since no compressed block
+    # reaches past the next selection block (l <= l'): compressed block j R + r gives b_win[r] strides to block j
+    # and b_wout[r] to block j + 1. Otherwise it is a [BC, BS] weight tile (computed once with one tile per chunk)
+    # and a [BC] vector for the next chunk's first block.
     ONE_TILE: tl.constexpr = BC >= BS * R
+    STENCIL: tl.constexpr = BC == BS * R
+    o_rr = tl.arange(0, R if STENCIL else 1)
+    b_win = overlap_strides(o_rr, 0, L, D, LS).to(tl.float32)  # [R]
+    b_wout = overlap_strides(o_rr, 1, L, D, LS).to(tl.float32)  # [R]
     b_w0 = overlap_strides(o_c[:, None], o_s[None, :], L, D, LS).to(tl.float32)  # [BC, BS]
     b_next0 = overlap_strides(o_c, BS, L, D, LS).to(tl.float32)  # [BC]
+    o_prev = (o_s[None, :] + BS - 1) % BS + tl.zeros([BT, BS], tl.int32)  # [BT, BS] the block before, cyclic
     for j0 in range(0, n_blk, BS):
         b_acc = tl.zeros([BT, BS], tl.float32)  # [BT, BS] group scores of blocks j0 ... j0 + BS - 1
         b_acc += tl.where(o_s == 0, 1.0, 0.0)[None, :] * b_carry[:, None]
@@ -173,16 +185,23 @@ def select_blocks_kernel(
             if c0 + BC > n_full:  # some row does not see every block of the tile, or it passes the chunk: mask
                 b_p = tl.where(o_i[None, :] < n_lim[:, None], b_p, 0.0)  # [BM, BC]: block i ends by the row
             b_p = tl.sum(tl.reshape(b_p, (BT, GP, BC)), axis=1)  # [BT, BC] summed over the group (Eq. 10)
-            if ONE_TILE:
-                b_w, b_next = b_w0, b_next0
+            if STENCIL:  # (Eq. 9) as the stencil; the spill of the chunk's last block is carried
+                b_p3 = tl.reshape(b_p, (BT, BS, R))  # [BT, BS, R]: compressed block j R + r
+                b_acc += tl.sum(b_p3 * b_win[None, None, :], axis=2)
+                b_out = tl.sum(b_p3 * b_wout[None, None, :], axis=2)  # [BT, BS] what block j gives block j + 1
+                b_acc += tl.where(o_s[None, :] > 0, tl.gather(b_out, o_prev, axis=1), 0.0)
+                b_carry += tl.sum(tl.where(o_s[None, :] == BS - 1, b_out, 0.0), axis=1)
             else:
-                b_w = overlap_strides(o_i[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BS] (Eq. 9)
-                b_next = overlap_strides(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] into the next chunk
-            if BT >= 16:
-                b_acc = tl.dot(b_p, b_w, b_acc, input_precision="tf32x3")
-            else:
-                b_acc += tl.sum(b_p[:, :, None] * b_w[None, :, :], axis=1)
-            b_carry += tl.sum(b_p * b_next[None, :], axis=1)
+                if ONE_TILE:
+                    b_w, b_next = b_w0, b_next0
+                else:
+                    b_w = overlap_strides(o_i[:, None], o_j[None, :], L, D, LS).to(tl.float32)  # [BC, BS] (Eq. 9)
+                    b_next = overlap_strides(o_i, j0 + BS, L, D, LS).to(tl.float32)  # [BC] into the next chunk
+                if BT >= 16:
+                    b_acc = tl.dot(b_p, b_w, b_acc, input_precision="tf32x3")
+                else:
+                    b_acc += tl.sum(b_p[:, :, None] * b_w[None, :, :], axis=1)
+                b_carry += tl.sum(b_p * b_next[None, :], axis=1)
 
         # ranks as int64 keys, all distinct: the score's bits (non-negative floats order as integers; forced
         # blocks +inf) above IDX - j, so that of equal scores the lower index ranks higher; a non-candidate
@@ -243,7 +262,9 @@ def select_tiles(
     8192 elements in the ``[BT, BC, BS]`` product of the broadcast map, used for ``BT < 16``). The default
     ``BS`` shrinks so that the ``[BT, NP, BS]`` comparisons stay at 2048 elements (G < 16 has 16 positions).
     ``ROUNDS`` (``rounds``): the most insertion rounds of a chunk; a chunk that needs more is merged by ranks
-    (never when ``ROUNDS >= BS``).
+    (never when ``ROUNDS >= BS``). By default every chunk goes in by rounds where the overlap map is a stencil
+    (``BC = BS R``: the kernel's ``STENCIL``, whose one-key-per-thread layout makes a round cheap and a merge
+    costly), else chunks of 16 or more blocks are merged by ranks past 4 rounds.
     """
     GP, NP = triton.next_power_of_2(G), next_power_of_2(n, 2)
     BS = bs or NP
@@ -254,8 +275,8 @@ def select_tiles(
     BC = min(128, next_power_of_2(BS * R))
     if BT < 16:
         BC = min(BC, max(16, 8192 // (BT * BS)))
-    if rounds is None:  # chunks of 16 blocks take many rounds early on: merged by ranks past 4 (module docstring)
-        rounds = 4 if BS >= 16 else BS
+    if rounds is None:
+        rounds = BS if BC == BS * R else 4 if BS >= 16 else BS
     return {"GP": GP, "BT": BT, "BS": BS, "BC": BC, "BK": next_power_of_2(DK), "NP": NP, "ROUNDS": rounds}
 
 

@@ -10,6 +10,7 @@ from kernel_problems import DEVICE
 from sparse_problems import problem, sparse_problems
 
 import reference
+from benchmarks.run import CONFIGS
 from optimized.selection import select_blocks, select_blocks_fwd, select_tiles
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, check_against_reference
@@ -26,6 +27,7 @@ MANY_BLOCKS = NSAConfig(4, 2, 4, 6, 1, 2)  # 20 selection blocks at T = 80: thre
 @example(problem(61, 1, 5, 24, 16, MANY_BLOCKS, torch.float32, seqlens=(9, 40, 12)))  # per-sequence numbering
 @example(problem(45, 1, 16, 16, 16, MANY_BLOCKS, torch.float32))  # G = 16: a tile is 2 positions x 16 heads
 @example(problem(21, 1, 33, 16, 16, CFG, torch.float32))  # G = 33 padded to 64 rows: one position per tile
+@example(problem(150, 1, 16, 16, 16, NSAConfig(16, 4, 16, 4, 1, 1), torch.float32))  # stencil, 1-3 strides spill
 def test_selection_matches_reference(p: NSAProblem) -> None:
     check_against_reference("select_blocks", select_blocks, p, device=DEVICE)
 
@@ -61,6 +63,19 @@ def test_selection_any_tiling(p: NSAProblem, bs: int | None, rows: int | None, r
         return select_blocks_fwd(q, k_cmp, lse, config, scale, kw.get("cu_seqlens"), bs, rows, rounds)
 
     check_against_reference("select_blocks", select, p, device=DEVICE)
+
+
+def test_benchmark_configs_map_by_stencil() -> None:
+    """Every GPU benchmark config's selection takes the stencil map (a chunk is one tile of exactly R compressed
+    blocks per selection block) and, with it, insertion rounds only: the layout and the costs the kernel's
+    docstring counts. (``tiny``, the CPU smoke config, has chunks of 8 compressed blocks under the 16 of a tile.)"""
+    for name, cfg in CONFIGS.items():
+        if name == "tiny":
+            continue
+        nsa = cfg.nsa
+        R = nsa.select_block // nsa.compress_stride
+        tiles = select_tiles(cfg.heads_q // cfg.heads_kv, cfg.dim_k, nsa.num_selected, R)
+        assert tiles["BC"] == tiles["BS"] * R and tiles["ROUNDS"] == tiles["BS"], (name, tiles)
 
 
 def test_multi_tile_example_has_two_tiles_per_chunk() -> None:
