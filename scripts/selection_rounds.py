@@ -7,8 +7,12 @@ i.i.d. uniform (the benchmark's random inputs make them near i.i.d.), the forced
 the last ``n_local``) infinite. Prints the histogram of ``n_up`` and, for a round and a merge costing ``--round``
 and ``--merge`` instructions per thread (SASS, ``scripts/spills.py``), the cost per chunk of each ``ROUNDS``.
 
-    python scripts/selection_rounds.py --bt 8 --bs 16 --round 93 --merge 370     # default (G = 16)
-    python scripts/selection_rounds.py --bt 16 --bs 8 --round 137 --merge 810    # g4
+    python scripts/selection_rounds.py --bt 8 --bs 16 --round 93 --merge 370     # default (G = 16), broadcast map
+    python scripts/selection_rounds.py --bt 16 --bs 8 --round 137 --merge 810    # g4, broadcast map
+    python scripts/selection_rounds.py --bt 8 --bs 16 --round 65 --merge 4000    # default, stencil map (w=4)
+
+(The costs of the first two are the broadcast map's, `num_warps=8`; with the stencil map, the benchmark configs'
+since the twentieth session, a round costs 65 and a merge about 4000 at `num_warps=4`: rounds only.)
 """
 
 from __future__ import annotations
