@@ -275,8 +275,8 @@ def select_tiles(
     BC = min(128, next_power_of_2(BS * R))
     if BT < 16:
         BC = min(BC, max(16, 8192 // (BT * BS)))
-    if rounds is None:
-        rounds = BS if BC == BS * R else 4 if BS >= 16 else BS
+    if rounds is None:  # the stencil (BC == BS R): rounds only; else chunks of 16 or more merged by ranks past 4
+        rounds = 4 if BS >= 16 and BC != BS * R else BS
     return {"GP": GP, "BT": BT, "BS": BS, "BC": BC, "BK": next_power_of_2(DK), "NP": NP, "ROUNDS": rounds}
 
 
