@@ -9,7 +9,7 @@
 #   scripts/gpu_check.sh env profile          # device time per kernel (scripts/kernel_times.py, PROFILE_ARGS)
 #   scripts/gpu_check.sh env configs          # every autotune config of every kernel (scripts/check_configs.py)
 #   scripts/gpu_check.sh env tiles            # the selected branch against its rows per program (selected_tiles.py)
-#   scripts/gpu_check.sh env ncu              # Nsight Compute on one kernel (NCU_KERNEL, NCU_CMD; clocks untouched)
+#   scripts/gpu_check.sh env ncu              # Nsight Compute on one kernel (NCU_KERNEL, NCU_CMD, NCU_METRICS; clocks untouched)
 #
 # Each step has its own timeout and a failing step does not stop the next. The whole script keeps to
 # BUDGET_S seconds (default 570, under the 10-minute limit of one GPU command): a step gets at most what
@@ -225,8 +225,11 @@ if want ncu; then
         printf '%-34s %-14s\n' "ncu" "SKIPPED no ncu" >>"$SUMMARY"
     else
         # shellcheck disable=SC2086 # NCU_CMD is a list of arguments
+        # NCU_METRICS: more metrics, e.g. "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" (the
+        # stall reasons, warps per issued instruction; the summary lists the largest)
         run_step "ncu ${NCU_KERNEL:-decode_compressed}" "${NCU_TIMEOUT:-150}" "$OUT/ncu.log" "$NCU" --clock-control none \
-            --set "${NCU_SET:-detailed}" -k "regex:${NCU_KERNEL:-decode_compressed}" -c "${NCU_COUNT:-1}" "$PY" \
+            --set "${NCU_SET:-detailed}" ${NCU_METRICS:+--metrics "$NCU_METRICS"} \
+            -k "regex:${NCU_KERNEL:-decode_compressed}" -c "${NCU_COUNT:-1}" "$PY" \
             ${NCU_CMD:-scripts/kernel_times.py --decode default 32 65536 --warmup 0 --iters 1}
     fi
 fi
@@ -277,6 +280,10 @@ if [[ -f $OUT/ncu.log ]]; then
     echo "----- Nsight Compute (main metrics)"
     grep -E '^  [a-z_]+_kernel|Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit' \
         "$OUT/ncu.log" | head -n 40
+    if grep -q 'issue_stalled' "$OUT/ncu.log"; then
+        echo "----- stall reasons (warps per issued instruction, largest first)"
+        grep -E 'issue_stalled_[a-z_]+_per_issue_active\.ratio' "$OUT/ncu.log" | sort -k3 -g -r | head -n 12
+    fi
 fi
 if [[ -f $OUT/ab.log ]]; then
     echo "----- A/B (base = ab_base/, tree = the working tree)"
