@@ -57,13 +57,8 @@ def autotune_configs(
     num_warps: Iterable[int] = (4, 8),
     num_stages: Iterable[int] = (2, 3),
     interpreter: dict[str, int] | None = None,
-    capped: Iterable[tuple[int, int, int]] = (),
 ) -> list[triton.Config]:
     """The cartesian product of ``space`` (meta-parameter -> values) x ``num_warps`` x ``num_stages``.
-
-    ``capped``: more launches, ``(num_warps, num_stages, maxnreg)``, for every point of ``space``: a register cap
-    fits more programs on an SM (at the price of spills), which pays where a kernel waits more than it issues;
-    the autotuner decides.
 
     Under the interpreter (where ``@triton.autotune`` with several configs fails) it returns one config:
     ``interpreter`` if given, else the first value of every axis. With the environment variable
@@ -79,18 +74,12 @@ def autotune_configs(
         first = {name: next(iter(values)) for name, values in space.items()}
         return [triton.Config(first, num_warps=4, num_stages=2)]
     names = list(space)
-    configs = [
+    return [
         triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s)
         for values in itertools.product(*(space[name] for name in names))
         for w in num_warps
         for s in num_stages
     ]
-    configs += [
-        triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s, maxnreg=r)
-        for values in itertools.product(*(space[name] for name in names))
-        for w, s, r in capped
-    ]
-    return configs
 
 
 class ExactFp32Config(triton.Config):

@@ -46,11 +46,11 @@ the ALU pipe at 65%), not by its matmuls or memory, so its cost is read on the S
 (registers 162), against about 1580 with the broadcast map, its merges and its several keys per thread (231
 registers); a round 65 against 175. Timed (H100, 64k, same call): 13.0 -> 10.9 ms at G = 16, 6.6 -> 4.8 at
 G = 4, 6.6 -> 3.8 at G = 1: fewer instructions, but the warps now wait more than they issue (45% of the issue
-peak at G = 16, from 55-59%), so the autotuner also tries 4 warps capped at 128 registers: 4 programs per SM
-instead of 3 at G = 16, for 152 bytes of spills and 1044 instructions a chunk instead of 1004 (not yet timed).
-:func:`select_tiles` keeps the tiles small enough that nothing spills at
-G = 16, 4, 2 or 1. Hence also the per-row visibility counts, the overlap weights built once per program,
-and no visibility mask on the tiles that every row sees whole.
+peak at G = 16, from 55-59%; Nsight Compute: short-scoreboard waits first, 2.1 warps per issue, then fixed-latency
+waits, 1.4). Neither 4 programs per SM (4 warps capped at 128 registers, 152 bytes of spills: 10.87 ms) nor
+the group's rows head-major (fewer shuffles, more barriers: 14.1 ms) beat it. :func:`select_tiles` keeps the
+tiles small enough that nothing spills at G = 16, 4, 2 or 1. Hence also the per-row visibility counts, the
+overlap weights built once per program, and no visibility mask on the tiles that every row sees whole.
 """
 
 from __future__ import annotations
@@ -80,9 +80,7 @@ _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 
 
 @triton.autotune(
-    # 4 warps capped at 128 registers: 4 programs per SM instead of 3 at G = 16 (162 registers uncapped)
-    configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2), capped=((4, 1, 128),)),
-    key=["G", "BK", "N", "BS", "BC", "TUNE_T"],
+    configs=autotune_configs({}, num_warps=(4, 8), num_stages=(1, 2)), key=["G", "BK", "N", "BS", "BC", "TUNE_T"]
 )
 @triton.jit
 def select_blocks_kernel(

@@ -261,12 +261,8 @@ def report(name: str, sass: bool = False, sass_dir: str | None = None, lines: in
             (i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name] not in ("constexpr", "fp32")
         }
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        cap = f" r<={cfg.maxnreg}" if cfg.maxnreg else ""  # a register cap: the PTX's .maxnreg, which ptxas keeps
-        if cfg.maxnreg:
-            options["maxnreg"] = cfg.maxnreg
         label = (
             f"{name:13s} {' '.join(f'{k}={v}' for k, v in cfg.kwargs.items()):14s} w={cfg.num_warps} s={cfg.num_stages}"
-            f"{cap}"
         )
         try:
             compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=TARGET, options=options)
@@ -290,11 +286,7 @@ def report(name: str, sass: bool = False, sass_dir: str | None = None, lines: in
         )
         print(f"{label}  regs {regs:>3s}  spill stores {spill:>5s} B  smem {compiled.metadata.shared // 1024:3d} KiB")
         if sass or sass_dir or lines:
-            path = (
-                os.path.join(sass_dir, f"{name}_w{cfg.num_warps}_s{cfg.num_stages}{cap.strip()}.sass")
-                if sass_dir
-                else None
-            )
+            path = os.path.join(sass_dir, f"{name}_w{cfg.num_warps}_s{cfg.num_stages}.sass") if sass_dir else None
             code = disassemble(compiled.asm["cubin"], path, lines=lines > 0)
             ops = sass_counts(code)
             top = " ".join(f"{op}:{n}" for op, n in ops.most_common(12))

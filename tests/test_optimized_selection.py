@@ -11,7 +11,6 @@ from sparse_problems import problem, sparse_problems
 
 import reference
 from benchmarks.run import CONFIGS
-from optimized._common import autotune_configs
 from optimized.selection import select_blocks, select_blocks_fwd, select_tiles
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, check_against_reference
@@ -119,17 +118,3 @@ def test_selection_rejects_bad_arguments_like_reference() -> None:
 )
 def test_selection_gpu_large(p: NSAProblem) -> None:
     check_against_reference("select_blocks", select_blocks, p, device="cuda")
-
-
-def test_autotune_configs_add_register_capped_launches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``capped`` launches (the selection's: 4 warps, <= 128 registers) join the product only when autotuning."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("NSA_AUTOTUNE", "1")
-    configs = autotune_configs({"BM": (64, 32)}, num_warps=(4,), num_stages=(1, 2), capped=((4, 1, 128),))
-    got = [(c.kwargs["BM"], c.num_warps, c.num_stages, c.maxnreg) for c in configs]
-    want = [(64, 4, 1, None), (64, 4, 2, None), (32, 4, 1, None), (32, 4, 2, None), (64, 4, 1, 128), (32, 4, 1, 128)]
-    assert got == want
-    monkeypatch.setenv("NSA_AUTOTUNE", "0")  # the GPU tests: one config, uncapped
-    assert [(c.num_stages, c.maxnreg) for c in autotune_configs({}, capped=((4, 1, 128),))] == [(2, None)]
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter: one config
-    assert [(c.num_stages, c.maxnreg) for c in autotune_configs({}, capped=((4, 1, 128),))] == [(1, None)]
