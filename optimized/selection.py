@@ -75,7 +75,6 @@ from ._sparse import sequence_lengths, sequence_tiles
 
 BIG = tl.constexpr(1 << 30)  # an index past every real block: sorts empty slots last
 IDX = tl.constexpr((1 << 31) - 1)  # a key's low 32 bits hold IDX - j for block j
-NONE = tl.constexpr(-(1 << 62))  # a key below every other: a chunk key already taken
 _LOG2E = tl.constexpr(LOG2E)  # jit code may only read constexpr globals
 
 
@@ -115,7 +114,6 @@ def select_blocks_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     NP: tl.constexpr,
-    ROUNDS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """block_idx of BT positions of one sequence for kv head i_h (grid: query tiles x H).
@@ -130,7 +128,6 @@ def select_blocks_kernel(
     t0 = tl.load(tile_start + i_tile)
     R: tl.constexpr = LS // D  # compressed blocks starting in one selection block
     BM: tl.constexpr = BT * GP
-    RANK_MERGE: tl.constexpr = ROUNDS < BS  # a chunk that needs more than ROUNDS rounds is merged by ranks
 
     o_t = t0 + tl.arange(0, BT)  # [BT] packed positions
     m_t = o_t < eos
@@ -154,8 +151,7 @@ def select_blocks_kernel(
     p_q = q + o_rt.to(tl.int64)[:, None] * s_qt + o_rq[:, None] * s_qh + o_k[None, :]
     b_q = tl.load(p_q, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
     b_lse = tl.load(lse + o_rt.to(tl.int64) * s_lt + o_rq, mask=m_r, other=0.0)  # [BM]
-    b_list = (-1 - o_slot).to(tl.int64)[None, :] + tl.zeros([BT, NP], tl.int64)  # [BT, NP] the top NP, any order
-    b_worst = tl.full([BT], -NP, tl.int64)  # [BT] the list's smallest key
+    b_list = (o_slot - NP).to(tl.int64)[None, :] + tl.zeros([BT, NP], tl.int64)  # [BT, NP] the top NP, ascending
     b_lse2 = b_lse * _LOG2E  # [BM]
     b_carry = tl.zeros([BT], tl.float32)
     # the overlap weights (Eq. 9) repeat from chunk to chunk (i + R and j + 1 overlap as i and j do). With one
@@ -217,71 +213,37 @@ def select_blocks_kernel(
         b_key = (b_cv.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (-o_j + IDX).to(tl.int64)[None, :]
         b_key = tl.where(m_cand, b_key, (-o_j - (NP + 1)).to(tl.int64)[None, :])  # [BT, BS]
 
-        # Eq. 11: while some row's best remaining chunk key beats its list's worst, it takes the worst's slot.
-        # n_up (the chunk keys above the worst before any insertion) bounds the insertions of every row.
-        n_up = tl.max(tl.sum((b_key > b_worst[:, None]).to(tl.int32), axis=1), axis=0)
-        if RANK_MERGE:
-            if n_up > ROUNDS:  # many: a key's rank in the union is the count of greater keys; slot r
-                # takes the key of rank r (the list then descending)
-                r_key = tl.sum((b_key[:, None, :] > b_key[:, :, None]).to(tl.int32), axis=2)  # [BT, BS]
-                r_key += tl.sum((b_list[:, None, :] > b_key[:, :, None]).to(tl.int32), axis=2)
-                r_list = tl.sum((b_list[:, None, :] > b_list[:, :, None]).to(tl.int32), axis=2)  # [BT, NP]
-                r_list += tl.sum((b_key[:, None, :] > b_list[:, :, None]).to(tl.int32), axis=2)
-                m_key = r_key[:, None, :] == o_slot[None, :, None]  # [BT, NP, BS]
-                m_list = r_list[:, None, :] == o_slot[None, :, None]  # [BT, NP, NP]
-                b_list = tl.sum(tl.where(m_key, b_key[:, None, :], 0), axis=2) + tl.sum(
-                    tl.where(m_list, b_list[:, None, :], 0), axis=2
-                )
-                b_worst = tl.min(b_list, axis=1)
-                n_up = 0
-        for _ in range(n_up):
-            b_best = tl.max(b_key, axis=1)  # [BT]
-            m_in = (b_list == b_worst[:, None]) & (b_best > b_worst)[:, None]  # [BT, NP] the slot it replaces
-            b_list = tl.where(m_in, b_best[:, None], b_list)
-            b_key = tl.where(b_key == b_best[:, None], NONE, b_key)  # taken, or below the list: out of the race
-            b_worst = tl.min(b_list, axis=1)
+        # Eq. 11, a merge of two sorted lists: the chunk's top NP descending against the list ascending, the
+        # larger of each pair is the top NP of both, a bitonic sequence that a bitonic merge sorts ascending
+        b_list = tl.bitonic_merge(tl.maximum(b_list, tl.topk(b_key, NP, dim=1)), dim=1)  # [BT, NP]
 
-    # the top N of the list (by key, the count of greater ones), the empty ones (negative keys) out: a block goes
-    # to its rank among them (the count of smaller ones), so they are stored ascending, with -1 in the empty slots
-    b_krank = tl.sum((b_list[:, None, :] > b_list[:, :, None]).to(tl.int32), axis=2)  # [BT, NP]
-    m_top = (b_krank < N) & (b_list >= 0)  # [BT, NP]
-    b_idx = tl.where(m_top, -(b_list & 0xFFFFFFFF) + IDX, BIG)
-    b_rank = tl.sum((b_idx[:, None, :] < b_idx[:, :, None]).to(tl.int32), axis=2)  # [BT, NP]
-    m_rest = (~m_top).to(tl.int32)  # [BT, NP] -1 fills the slots after the top ones, in list order
-    b_fill = tl.sum(m_top.to(tl.int32), axis=1)[:, None] + tl.cumsum(m_rest, axis=1) - m_rest
-    b_rank = tl.where(m_top, b_rank, b_fill)
-    p_o = out + o_t.to(tl.int64)[:, None] * s_ot + i_h * s_oh + b_rank
-    tl.store(p_o, tl.where(m_top, b_idx, -1).to(tl.int32), mask=m_t[:, None] & (b_rank < N))
+    # the top N (the list's last N slots), the empty ones (negative keys) out, stored in ascending block order
+    # with -1 in the slots after them
+    m_top = (o_slot >= NP - N)[None, :] & (b_list >= 0)  # [BT, NP]
+    b_idx = tl.sort(tl.where(m_top, -(b_list & 0xFFFFFFFF) + IDX, BIG), dim=1)  # [BT, NP]
+    p_o = out + o_t.to(tl.int64)[:, None] * s_ot + i_h * s_oh + o_slot[None, :]
+    tl.store(p_o, tl.where(b_idx < BIG, b_idx, -1).to(tl.int32), mask=m_t[:, None] & (o_slot < N)[None, :])
 
 
-def select_tiles(
-    G: int, DK: int, n: int, R: int, bs: int | None = None, rows: int | None = None, rounds: int | None = None
-) -> dict[str, int]:
+def select_tiles(G: int, DK: int, n: int, R: int, bs: int | None = None, rows: int | None = None) -> dict[str, int]:
     """The launch's tile sizes for group size ``G``, head dim ``DK``, ``n`` selected blocks, ``R = l' / d``.
 
     ``BT`` positions of ``GP`` rows: up to ``rows`` rows (default 128, 64 for DK > 128: the ``q`` tile stays in
-    registers) and
-    at most 4096 elements in the merge's ``[BT, NP, max(NP, BS)]`` comparisons, but at least 16 rows for
-    ``tl.dot``; chunks of ``BS`` selection blocks (``bs``, default ``NP``); compressed tiles of ``BC`` (at most
-    8192 elements in the ``[BT, BC, BS]`` product of the broadcast map, used for ``BT < 16``). The default
-    ``BS`` shrinks so that the ``[BT, NP, BS]`` comparisons stay at 2048 elements (G < 16 has 16 positions).
-    ``ROUNDS`` (``rounds``): the most insertion rounds of a chunk; a chunk that needs more is merged by ranks
-    (never when ``ROUNDS >= BS``). By default every chunk goes in by rounds where the overlap map is a stencil
-    (``BC = BS R``: the kernel's ``STENCIL``, whose one-key-per-thread layout makes a round cheap and a merge
-    costly), else chunks of 16 or more blocks are merged by ranks past 4 rounds.
+    registers) and at most 256 chunk keys ``[BT, BS]``, but at least 16 rows for ``tl.dot``; chunks of ``BS``
+    selection blocks (``bs``: a power of two, at least ``NP``, the list's length; default ``NP``); compressed
+    tiles of ``BC`` (at most 8192 elements in the ``[BT, BC, BS]`` product of the broadcast map, used for
+    ``BT < 16``).
     """
     GP, NP = triton.next_power_of_2(G), next_power_of_2(n, 2)
+    if bs is not None and (bs < NP or bs & (bs - 1)):
+        raise ValueError(f"bs must be a power of two >= {NP} (the top-n list's length), got {bs}")
     BS = bs or NP
     rows = rows or (128 if DK <= 128 else 64)
-    BT = max(1, 16 // GP, min(rows // GP, 4096 // (NP * max(NP, BS))))
-    if bs is None:  # a [BT, NP, BS] comparison tile of at most 2048: no spills at G = 1 and 4 (ptxas -v)
-        BS = max(1, min(BS, 2048 // (BT * NP)))
+    BT = max(1, 16 // GP, min(rows // GP, 256 // BS))
     BC = min(128, next_power_of_2(BS * R))
     if BT < 16:
         BC = min(BC, max(16, 8192 // (BT * BS)))
-    if rounds is None:  # the stencil (BC == BS R): rounds only; else chunks of 16 or more merged by ranks past 4
-        rounds = 4 if BS >= 16 and BC != BS * R else BS
-    return {"GP": GP, "BT": BT, "BS": BS, "BC": BC, "BK": next_power_of_2(DK), "NP": NP, "ROUNDS": rounds}
+    return {"GP": GP, "BT": BT, "BS": BS, "BC": BC, "BK": next_power_of_2(DK), "NP": NP}
 
 
 def select_blocks_fwd(
@@ -293,17 +255,16 @@ def select_blocks_fwd(
     cu_seqlens: torch.Tensor | None,
     bs: int | None = None,
     rows: int | None = None,
-    rounds: int | None = None,
 ) -> torch.Tensor:
     """Launch the fused selection. q [B, T, HQ, DK], k_cmp [B, TC, H, DK], lse [B, T, HQ] -> [B, T, H, n] int32.
 
-    ``bs``, ``rows``, ``rounds``: the chunk of selection blocks, the most query rows per program and the most
-    insertion rounds of a chunk (defaults: :func:`select_tiles`'s; for experiments, ``scripts/selection_tiles.py``).
+    ``bs``, ``rows``: the chunk of selection blocks and the most query rows per program (defaults:
+    :func:`select_tiles`'s; for experiments, ``scripts/selection_tiles.py``).
     """
     B, T, HQ, DK = q.shape
     H, n = k_cmp.shape[2], config.num_selected
     G = HQ // H
-    tiles = select_tiles(G, DK, n, config.select_block // config.compress_stride, bs, rows, rounds)
+    tiles = select_tiles(G, DK, n, config.select_block // config.compress_stride, bs, rows)
     cu, cu_c, tile_seq, tile_start = sequence_tiles(
         sequence_lengths(B, T, cu_seqlens), config, tiles["BT"], 1, q.device
     )

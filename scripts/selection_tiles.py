@@ -1,13 +1,11 @@
 """Experiment: the fused selection's time against its tiles: the chunk ``BS`` (selection blocks per top-n
-update), the most query rows per program and the most insertion rounds of a chunk before it is merged by ranks
-(0: every chunk merged, as before the rounds; ``BS`` or more: never).
+update, a power of two at least the list's length) and the most query rows per program.
 
 Each variant is compared with the default launch: another tiling sums the scores in another order, so rows
 whose choice is a near tie may differ; more than 1% differing (position, kv head) rows fails the run.
 Prints ms per config, length and variant; writes ``selection_tiles.json`` to ``--out``.
 
-    python scripts/selection_tiles.py --lengths 65536 --configs default meanpool64 g4 --chunks 16 32 --rows 64 \\
-        --rounds 0 2 16
+    python scripts/selection_tiles.py --lengths 65536 --configs default meanpool64 g4 --chunks 32 --rows 64
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     p = experiment.parser(__doc__, [65536], ["default", "meanpool64", "g4"])
     p.add_argument("--chunks", type=int, nargs="*", default=[], help="BS values besides the default")
     p.add_argument("--rows", type=int, nargs="*", default=[], help="query-row limits besides the default")
-    p.add_argument("--rounds", type=int, nargs="*", default=[], help="rounds before a merge, besides the default")
     args = p.parse_args(argv)
     device, env = experiment.start(args)
     records, failed = [], 0
@@ -47,19 +44,17 @@ def main(argv: list[str] | None = None) -> int:
             _, lse = optimized.compressed_attention(q, k_cmp, optimized.mean_pool(k, nsa), nsa)
             scale = dk**-0.5
             want = select_blocks_fwd(q, k_cmp, lse, nsa, scale, None)
-            for bs, rows, rounds in itertools.product([None, *args.chunks], [None, *args.rows], [None, *args.rounds]):
+            for bs, rows in itertools.product([None, *args.chunks], [None, *args.rows]):
                 r = nsa.select_block // nsa.compress_stride
-                tiles = select_tiles(hq // h, dk, nsa.num_selected, r, bs, rows, rounds)
-                call = functools.partial(select_blocks_fwd, q, k_cmp, lse, nsa, scale, None, bs, rows, rounds)
+                tiles = select_tiles(hq // h, dk, nsa.num_selected, r, bs, rows)
+                call = functools.partial(select_blocks_fwd, q, k_cmp, lse, nsa, scale, None, bs, rows)
                 differ = float((call() != want).any(-1).float().mean())
                 failed += differ > 0.01
                 ms = time_calls([call], device).median_ms
-                records.append({"config": name, "seq_len": seq_len, "bs": bs, "rows": rows, "rounds": rounds, **tiles,
-                                "ms": ms, "rows_differing": differ})  # fmt: skip
-                print(
-                    f"{name:11s} T={seq_len:6d} bs={bs!s:4s} rows={rows!s:4s} rounds={rounds!s:4s} {tiles} {ms:8.3f} ms"
-                    f"  differ={differ:.2%}"
-                )
+                records.append({"config": name, "seq_len": seq_len, "bs": bs, "rows": rows, **tiles, "ms": ms,
+                                "rows_differing": differ})  # fmt: skip
+                line = f"{name:11s} T={seq_len:6d} bs={bs!s:4s} rows={rows!s:4s} {tiles} {ms:8.3f} ms"
+                print(f"{line}  differ={differ:.2%}")
     experiment.write(args, "selection_tiles", env, records)
     return 1 if failed else 0
 

@@ -11,6 +11,7 @@ from sparse_problems import problem, sparse_problems
 
 import reference
 from benchmarks.run import CONFIGS
+from optimized._common import next_power_of_2
 from optimized.selection import select_blocks, select_blocks_fwd, select_tiles
 from reference.config import NSAConfig
 from reference.testing import NSAProblem, check_against_reference
@@ -37,50 +38,58 @@ MULTI_TILE = problem(300, 1, 1, 16, 16, NSAConfig(2, 1, 16, 4, 1, 1), torch.floa
 # l'/d = 3: a chunk of 4 blocks is 12 compressed blocks in a tile of 16, so each tile passes its chunk's end;
 # with 16 rows per program, late tiles see the early chunks whole (where a kernel may skip the visibility mask)
 WHOLE_TILES = problem(96, 1, 1, 16, 16, NSAConfig(4, 4, 12, 4, 1, 1), torch.float32)
-# G = 16 (8 positions per program, chunks of 16 blocks, a top 16) over 175 selection blocks: with one round
-# allowed, chunks alternate between rounds (which leave the list out of order) and merges by ranks
-MIXED_CHUNKS = problem(700, 1, 16, 16, 16, NSAConfig(4, 2, 4, 16, 1, 2), torch.float32)
+# G = 16 (8 positions per program, chunks of 16 blocks, a top 16) over 175 selection blocks: every chunk's sorted
+# top meets a full list, and n = 16 fills the list, so the merge keeps no empty slot
+MANY_CHUNKS = problem(700, 1, 16, 16, 16, NSAConfig(4, 2, 4, 16, 1, 2), torch.float32)
+# n = 5: a list of NP = 8 whose 3 lowest slots are never stored
+ODD_N = problem(200, 2, 4, 16, 16, NSAConfig(8, 4, 8, 5, 1, 1), torch.float32)
 
 
 @settings(max_examples=8)
-@given(
-    sparse_problems(max_seq_len=96),
-    st.sampled_from([None, 1, 2, 4, 16]),
-    st.sampled_from([None, 16, 32]),
-    st.sampled_from([None, 0, 1]),
-)
-@example(MULTI_TILE, 1, None, None)  # chunks of one block
-@example(MULTI_TILE, 16, None, None)  # chunks of 16 blocks = 256 compressed blocks: two tiles of 128 per chunk
-@example(MULTI_TILE, 4, 16, None)  # 16 rows per program
-@example(WHOLE_TILES, None, 16, None)  # tiles every row sees whole, and tiles that pass their chunk
-@example(MIXED_CHUNKS, None, None, 1)  # chunks merged by ranks after rounds left the list out of order
-def test_selection_any_tiling(p: NSAProblem, bs: int | None, rows: int | None, rounds: int | None) -> None:
-    """Any chunk size, row limit and rounds before a merge (``select_tiles``' overrides) gives the reference's
-    blocks."""
+@given(sparse_problems(max_seq_len=96), st.sampled_from([None, 1, 2, 4]), st.sampled_from([None, 16, 32]))
+@example(MULTI_TILE, 1, None)  # chunks of NP = 4 blocks
+@example(MULTI_TILE, 4, None)  # chunks of 16 blocks = 256 compressed blocks: two tiles of 128 per chunk
+@example(MULTI_TILE, 2, 16)  # 16 rows per program
+@example(WHOLE_TILES, None, 16)  # tiles every row sees whole, and tiles that pass their chunk
+@example(MANY_CHUNKS, None, None)
+@example(MANY_CHUNKS, 2, None)  # chunks of 32 blocks: their top 16 meets the list
+@example(ODD_N, 2, None)
+def test_selection_any_tiling(p: NSAProblem, chunks: int | None, rows: int | None) -> None:
+    """Any chunk (``chunks`` times the list's length ``NP``) and row limit (``select_tiles``' overrides) gives the
+    reference's blocks."""
+    bs = chunks and chunks * next_power_of_2(p.config.num_selected, 2)
 
     def select(q: torch.Tensor, k_cmp: torch.Tensor, lse: torch.Tensor, config: NSAConfig, **kw) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5
-        return select_blocks_fwd(q, k_cmp, lse, config, scale, kw.get("cu_seqlens"), bs, rows, rounds)
+        return select_blocks_fwd(q, k_cmp, lse, config, scale, kw.get("cu_seqlens"), bs, rows)
 
     check_against_reference("select_blocks", select, p, device=DEVICE)
 
 
+def test_select_tiles_rejects_a_chunk_below_the_list() -> None:
+    """A chunk must hold at least the list's NP blocks (its sorted top NP meets the list) and be a power of two."""
+    assert select_tiles(16, 128, 16, 4, 32)["BS"] == 32
+    for bs in (8, 24):
+        with pytest.raises(ValueError, match="bs must be a power of two >= 16"):
+            select_tiles(16, 128, 16, 4, bs)
+
+
 def test_benchmark_configs_map_by_stencil() -> None:
     """Every GPU benchmark config's selection takes the stencil map (a chunk is one tile of exactly R compressed
-    blocks per selection block) and, with it, insertion rounds only: the layout and the costs the kernel's
-    docstring counts. (``tiny``, the CPU smoke config, has chunks of 8 compressed blocks under the 16 of a tile.)"""
+    blocks per selection block): the layout and the costs the kernel's docstring counts. (``tiny``, the CPU smoke
+    config, has chunks of 8 compressed blocks under the 16 of a tile.)"""
     for name, cfg in CONFIGS.items():
         if name == "tiny":
             continue
         nsa = cfg.nsa
         R = nsa.select_block // nsa.compress_stride
         tiles = select_tiles(cfg.heads_q // cfg.heads_kv, cfg.dim_k, nsa.num_selected, R)
-        assert tiles["BC"] == tiles["BS"] * R and tiles["ROUNDS"] == tiles["BS"], (name, tiles)
+        assert tiles["BC"] == tiles["BS"] * R, (name, tiles)
 
 
 def test_multi_tile_example_has_two_tiles_per_chunk() -> None:
     """The pinned case of test_selection_any_tiling covers the map of a chunk spread over compressed tiles."""
-    tiles = select_tiles(1, 16, 4, 16, 16)
+    tiles = select_tiles(1, 16, 4, 16, 16)  # MULTI_TILE with chunks of 16 blocks
     assert tiles["BC"] < tiles["BS"] * 16
 
 

@@ -159,24 +159,13 @@ def test_run_bench_runs_its_own_tree(tmp_path: Path) -> None:
 
 
 def test_selection_tiles_script(tmp_path: Path) -> None:
-    """selection_tiles.py: another chunk of selection blocks, or another number of rounds before a merge, picks
-    the same blocks."""
+    """selection_tiles.py: another chunk of selection blocks, or fewer rows per program, picks the same blocks."""
     selection_tiles = load_script("selection_tiles")
-    argv = ["--configs", "tiny", "--lengths", "40", "--chunks", "16", "--rounds", "0"]
+    argv = ["--configs", "tiny", "--lengths", "40", "--chunks", "16", "--rows", "16"]
     assert selection_tiles.main([*argv, "--out", str(tmp_path), "--device", str(DEVICE)]) == 0
     records = json.loads((tmp_path / "selection_tiles.json").read_text())["records"]
-    assert [(r["bs"], r["rounds"]) for r in records] == [(None, None), (None, 0), (16, None), (16, 0)]
+    assert [(r["bs"], r["rows"]) for r in records] == [(None, None), (None, 16), (16, None), (16, 16)]
     assert all(r["rows_differing"] == 0 for r in records)
-
-
-def test_selection_rounds_counts_insertions(capsys: pytest.CaptureFixture[str]) -> None:
-    """selection_rounds.py: a chunk's n_up is at most its size; with rounds costing nothing, never merging wins."""
-    selection_rounds = load_script("selection_rounds")
-    n_up = selection_rounds.chunk_rounds(2048, 8, 16, 16, 64, 1, 2, tiles=5, seed=0)
-    assert n_up.min() >= 0 and n_up.max() <= 16 and n_up[0] >= 1  # a first chunk always holds the forced block 0
-    assert selection_rounds.main(["--seq-len", "2048", "--tiles", "5", "--round", "0", "--merge", "1"]) == 0
-    costs = [float(line.split(":")[1].split()[0]) for line in capsys.readouterr().out.splitlines()[1:]]
-    assert costs[-1] == 0.0 and costs == sorted(costs, reverse=True)
 
 
 def test_selected_tiles_script(tmp_path: Path) -> None:
