@@ -20,37 +20,35 @@ walks the selection blocks in chunks of ``BS`` (a chunk is ``BS * l'/d`` compres
 3. each block of the chunk gets an int64 key, all distinct: the score's float bits (non-negative floats
    order as integers; forced blocks ``+inf``) in the high word, ``2^31 - 1 - j`` in the low word, so that of
    equal scores the lower index wins, as in the spec; non-candidates get negative keys. Each row keeps the
-   ``NP`` best keys so far as a set ``[BT, NP]`` in registers (in any order) with its smallest, the *worst*.
-   A chunk goes in by rounds: in each, a row's best remaining chunk key takes the worst's slot if it beats it.
-   The rounds stop after ``n_up``, the most chunk keys of a row above its worst when the chunk arrives, which
-   bounds every row's insertions; once the set holds good keys most chunks need 0 to 3 rounds. A chunk that
-   needs more than ``ROUNDS`` is merged by ranks instead: a key's rank in the union is the count of greater
-   keys, and slot ``r`` takes the key of rank ``r`` (by default only without the stencil, at chunks of 16
-   blocks or more, past 4 rounds: :func:`select_tiles`).
+   ``NP`` best keys so far as a list ``[BT, NP]`` in registers, sorted ascending. A chunk goes in as a merge
+   of two sorted lists: its top ``NP`` keys sorted descending (``tl.topk``, a bitonic network), then the
+   larger of each pair of slots, which is the top ``NP`` of both lists as a bitonic sequence, sorted
+   ascending again by ``tl.bitonic_merge``. Chunks hold ``BS >= NP`` blocks (``NP`` by default).
 
-At the end each row's top ``n`` keys (rank by pairwise comparison) are stored in ascending block order, with
-``-1`` padding. Memory is ``O(T n)``: no ``[T, TC]`` or ``[T, NS]`` tensor is ever written, and the registers
-hold ``[BT, BS]`` scores and ``[BT, NP]`` list entries whatever the sequence length, so there is no
-limit on ``NS`` (128k tokens are 2048 blocks at ``l' = 64``). ``DK <= 256`` (one ``q`` tile).
+At the end each row's top ``n`` keys (the list's last ``n`` slots) are stored in ascending block order
+(``tl.sort`` of their indices), with ``-1`` padding. Memory is ``O(T n)``: no ``[T, TC]`` or ``[T, NS]`` tensor
+is ever written, and the registers hold ``[BT, BS]`` scores and ``[BT, NP]`` list entries whatever the sequence
+length, so there is no limit on ``NS`` (128k tokens are 2048 blocks at ``l' = 64``). ``DK <= 256`` (one ``q``
+tile).
 
 Costs: the ``q k~^T`` products equal one compressed-attention forward's first matmul (this is the second
 pass, which needs the final log-sum-exp), and one ``exp2`` per (row, visible compressed block). Per
 compressed tile a program reads one ``[BK, BC]`` key tile; ``q`` is read once. The stencil map adds
 ``2 BT BC`` multiply-adds per tile, once per group (the weight tile: ``BT * BC * BS``, a tf32x3 matmul when
-``BT >= 16``, else a broadcast sum). A round costs two reductions (a row's best chunk key, its new worst)
-and ``BT * (2 BS + 2 NP)`` int64 comparisons and selects; a merge by ranks ``BT * BS * (BS + 3 NP) + 2 BT
-NP^2``. On random scores at 64k a chunk needs 3.7 rounds on average at G = 16 (16 blocks) and 2.4 at G = 4
-(8 blocks). The kernel is bound by integer instructions (Nsight Compute, H100 at 64k, before the stencil:
-the ALU pipe at 65%), not by its matmuls or memory, so its cost is read on the SASS (``scripts/spills.py
---lines``): at G = 16 (``num_warps=4``) a chunk is about 1040 instructions per thread with the stencil
-(registers 162), against about 1580 with the broadcast map, its merges and its several keys per thread (231
-registers); a round 65 against 175. Timed (H100, 64k, same call): 13.0 -> 10.9 ms at G = 16, 6.6 -> 4.8 at
-G = 4, 6.6 -> 3.8 at G = 1: fewer instructions, but the warps now wait more than they issue (45% of the issue
-peak at G = 16, from 55-59%; Nsight Compute: short-scoreboard waits first, 2.1 warps per issue, then fixed-latency
-waits, 1.4). Neither 4 programs per SM (4 warps capped at 128 registers, 152 bytes of spills: 10.87 ms) nor
-the group's rows head-major (fewer shuffles, more barriers: 14.1 ms) beat it. :func:`select_tiles` keeps the
-tiles small enough that nothing spills at G = 16, 4, 2 or 1. Hence also the per-row visibility counts, the
-overlap weights built once per program, and no visibility mask on the tiles that every row sees whole.
+``BT >= 16``, else a broadcast sum). A chunk's top-n costs ``log2(BS) (log2(BS) + 1) / 2 + log2(NP)``
+compare-exchange stages (14 at 16 blocks), each an int64 partner exchange (two shuffles where the partner
+sits in another lane), a comparison and two selects per key, whatever the scores. The kernel is bound by the
+instructions it issues and their latencies, not by its matmuls or memory, so its cost is read on the SASS
+(``scripts/spills.py --sass``): at G = 16 (``num_warps=4``) 16 selection blocks cost about 1020 instructions
+per thread and position, of which the compressed tile's product, ``exp2``, masks, group sum and stencil are
+850. History (performance log): before this merge, insertion rounds (3.7 per chunk on random scores at 64k,
+each two 16-lane reductions in a dependent chain) and merges by ranks cost 1244 at G = 16; with the broadcast
+map before the stencil about 1580 (13.0 ms on an H100 at 64k, 10.9 with the stencil). Nsight Compute on the
+rounds' kernel: warps waited on the shuffles', ``exp2``'s and shared memory's results (2.1 warps per issue)
+and on dependent ALU chains (1.4), issuing 45% of the time; neither 4 programs per SM (a register cap) nor
+the group's rows head-major (fewer shuffles, more barriers) helped. :func:`select_tiles` keeps the tiles small
+enough that nothing spills at G = 16, 4, 2 or 1. Hence also the per-row visibility counts, the overlap
+weights built once per program, and no visibility mask on the tiles that every row sees whole.
 """
 
 from __future__ import annotations
