@@ -38,9 +38,9 @@ MULTI_TILE = problem(300, 1, 1, 16, 16, NSAConfig(2, 1, 16, 4, 1, 1), torch.floa
 # l'/d = 3: a chunk of 4 blocks is 12 compressed blocks in a tile of 16, so each tile passes its chunk's end;
 # with 16 rows per program, late tiles see the early chunks whole (where a kernel may skip the visibility mask)
 WHOLE_TILES = problem(96, 1, 1, 16, 16, NSAConfig(4, 4, 12, 4, 1, 1), torch.float32)
-# G = 16 (8 positions per program, chunks of 16 blocks, a top 16) over 175 selection blocks: every chunk's sorted
+# G = 16 (8 positions per program, chunks of 16 blocks, a top 16) over 65 selection blocks: every chunk's sorted
 # top meets a full list, and n = 16 fills the list, so the merge keeps no empty slot
-MANY_CHUNKS = problem(700, 1, 16, 16, 16, NSAConfig(4, 2, 4, 16, 1, 2), torch.float32)
+MANY_CHUNKS = problem(260, 1, 16, 16, 16, NSAConfig(4, 2, 4, 16, 1, 2), torch.float32)
 # n = 5: a list of NP = 8 whose 3 lowest slots are never stored
 ODD_N = problem(200, 2, 4, 16, 16, NSAConfig(8, 4, 8, 5, 1, 1), torch.float32)
 
