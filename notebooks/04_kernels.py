@@ -281,65 +281,55 @@ print(f"{pairs / 1e6:.2f} M pairs at 64k; G = 16: tiles {tiles_kb[-1] * 1024 / g
 # ## How the selection keeps its top-n while it streams
 #
 # The selection kernel never holds a query's whole row of block scores (1024 blocks at 64k tokens):
-# it sees them in *chunks* of `BS` blocks (16 at `G = 16`) and keeps the `n` best so far as an
-# unordered set, with its smallest entry, the *worst*. A chunk goes in by **rounds**: in each round a
-# row's best remaining chunk key replaces the worst if it beats it. The kernel runs `n_up` rounds, the
-# most chunk keys of a row above its worst when the chunk arrives, so a chunk that improves no row
-# costs one count and no round.
+# it sees them in *chunks* of `BS` blocks (16) and keeps the `n` best so far as a list sorted ascending.
+# A chunk goes in as a **merge of two sorted lists**: the chunk's keys are sorted descending (a bitonic
+# network, `tl.topk`), and each slot keeps the larger of the two lists' entries there. If the list is
+# ascending and the chunk descending, the two laid end to end rise then fall (a *bitonic* sequence), and the
+# slot-wise maximum is the first step of a bitonic sorter, the half-cleaner: it holds exactly the `n`
+# largest keys of both, again bitonic, which `tl.bitonic_merge` sorts ascending in `log2 n`
+# compare-exchange stages. The work per chunk is fixed, 14 stages at 16 keys, whatever the scores, with no
+# data-dependent loop: an earlier kernel inserted the chunk's keys one round at a time (3.7 rounds per
+# chunk on random scores at 64k, each a chain of dependent reductions), and the warps spent their time
+# waiting on those chains.
 #
-# Why this is cheap: if the scores come in random order, the `k`-th key is among the `n` best so far
-# with probability `min(1, n / k)`, so a chunk that arrives after `m` keys brings at most
-# `sum over k in (m, m + BS] of min(1, n / k)` new entries on average (a key can also enter and leave
-# within its chunk): `BS` at first, then fewer and fewer. Over a row of `N` keys that is at most about
-# `n (1 + ln(N / n))` insertions, not `N`. A program holds 8 positions (rows) at `G = 16` and runs the
-# rounds for all of them, so its `n_up` is the largest of its rows'. The simulation below streams
-# 320 random rows of 1024 blocks (`n = 16`, `BS = 16`; the forced blocks left out), 8 rows to a
-# program, and compares the insertions and the rounds per chunk with that sum. Where the overlap map is
-# not a stencil (see `optimized/selection.py`), the kernel merges a chunk *by ranks* instead when it needs
-# more than `ROUNDS = 4` rounds (the first chunks of a row); with the stencil (every benchmark config) a
-# round is cheap enough that every chunk goes in by rounds.
+# Below, one merge step drawn, then a stream of random rows checked against a full sort.
 
 # %%
-N_BLK, N_SEL, BS, ROUNDS, ROWS, BT = 1024, 16, 16, 4, 320, 8
+N_BLK, N_SEL, BS = 1024, 16, 16
 
 
-def stream_top_n(row_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per chunk of one row: n_up (its keys above the set's worst) and the keys that enter the top-n."""
-    top = np.full(N_SEL, -1.0)  # the set; -1: an empty slot
-    n_up, inserted = [], []
-    for c0 in range(0, N_BLK, BS):
-        chunk = row_scores[c0 : c0 + BS]
-        n_up.append((chunk > top.min()).sum())
-        new_top = np.sort(np.concatenate([top, chunk]))[-N_SEL:]
-        inserted.append(np.isin(chunk, new_top).sum())
-        top = new_top
-    return np.array(n_up), np.array(inserted)
+def merge_chunk(top: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+    """The kernel's rule: top (ascending) against the chunk sorted descending, slot-wise max, sorted again."""
+    bitonic = np.maximum(top, np.sort(chunk)[::-1])
+    return np.sort(bitonic)  # tl.bitonic_merge: log2(n) stages on a bitonic input
 
 
-n_up, inserted = map(np.stack, zip(*(stream_top_n(row) for row in np.random.default_rng(0).random((ROWS, N_BLK)))))
-kth = np.arange(1, N_BLK + 1)
-expected = np.minimum(1.0, N_SEL / kth).reshape(-1, BS).sum(1)  # per chunk
-rounds = n_up.reshape(ROWS // BT, BT, -1).max(1)  # [programs, chunks] the rounds a program runs
-
+rng = np.random.default_rng(0)
+top = np.sort(rng.random(N_SEL))  # a row's list after a few chunks
+chunk = rng.random(BS)
+bitonic = np.maximum(top, np.sort(chunk)[::-1])
 fig, ax = plt.subplots(figsize=(8, 3.2))
-m_seen = np.arange(0, N_BLK, BS)
-ax.plot(m_seen, rounds.mean(0), "o", ms=3, label=f"n_up of a program of {BT} rows (its rounds)")
-ax.plot(m_seen, inserted.mean(0), "s", ms=3, label="keys that enter a row's top-n")
-ax.plot(m_seen, expected, "k-", lw=1, label="bound: sum of min(1, n / k)")
-ax.axhline(ROUNDS, color="grey", ls=":", label=f"ROUNDS = {ROUNDS}: more is merged by ranks (no stencil)")
-ax.set(xlabel="keys seen before the chunk (m)", ylabel="per chunk (mean)", yscale="log")
+ax.plot(top, "o-", ms=4, label="list (ascending)")
+ax.plot(np.sort(chunk)[::-1], "s-", ms=4, label="chunk (sorted descending)")
+ax.plot(bitonic, "k^--", ms=5, label="slot-wise max: the top n, bitonic")
+ax.set(xlabel="slot", ylabel="score")
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
-print(f"insertions per row: {inserted.sum(1).mean():.1f} (n (1 + ln(N / n)) = "
-      f"{N_SEL * (1 + np.log(N_BLK / N_SEL)):.1f}, of {N_BLK} keys); rounds per chunk and program "
-      f"{rounds.mean():.2f}; chunks merged by ranks without the stencil {np.mean(rounds > ROUNDS):.1%}")
+
+rows = rng.random((200, N_BLK))
+for row in rows:
+    top = np.full(N_SEL, -1.0)  # empty slots: below every score
+    for c0 in range(0, N_BLK, BS):
+        top = merge_chunk(top, row[c0 : c0 + BS])
+    assert np.array_equal(top, np.sort(row)[-N_SEL:])
+print(f"{len(rows)} rows of {N_BLK} scores streamed in chunks of {BS}: every top-{N_SEL} equals a full sort's")
 
 # %% [markdown]
 # Real rows are not random: trained models score neighbouring blocks alike, and the forced blocks (the
-# first one, the two local ones) enter with an infinite score. `scripts/selection_rounds.py` replays
-# the kernel's rule on the benchmark's tiles, and the performance log in `benchmarks/README.md` has the
-# measured gain (H100, 64k: `default` 13.7 -> 13.0 ms, `G = 4` 10.5 -> 6.5 ms).
+# first one, the two local ones) enter with an infinite score; the merge does not care. Measured on an
+# H100 at 64k tokens (the selection alone, both designs in one run): `G = 16` 10.87 -> 8.91 ms, `G = 4`
+# 4.79 -> 3.50 ms; the performance log in `benchmarks/README.md` has the rest.
 #
 # ## Running the kernels against the reference
 #
