@@ -298,16 +298,20 @@ print(f"{pairs / 1e6:.2f} M pairs at 64k; G = 16: tiles {tiles_kb[-1] * 1024 / g
 N_BLK, N_SEL, BS = 1024, 16, 16
 
 
+def half_clean(top: np.ndarray, chunk: np.ndarray) -> np.ndarray:
+    """Top (ascending) against the chunk sorted descending, slot-wise max: the top n of both, bitonic."""
+    return np.maximum(top, np.sort(chunk)[::-1])
+
+
 def merge_chunk(top: np.ndarray, chunk: np.ndarray) -> np.ndarray:
-    """The kernel's rule: top (ascending) against the chunk sorted descending, slot-wise max, sorted again."""
-    bitonic = np.maximum(top, np.sort(chunk)[::-1])
-    return np.sort(bitonic)  # tl.bitonic_merge: log2(n) stages on a bitonic input
+    """The kernel's rule: the half-cleaned list sorted again (tl.bitonic_merge: log2(n) stages)."""
+    return np.sort(half_clean(top, chunk))
 
 
 rng = np.random.default_rng(0)
 top = np.sort(rng.random(N_SEL))  # a row's list after a few chunks
 chunk = rng.random(BS)
-bitonic = np.maximum(top, np.sort(chunk)[::-1])
+bitonic = half_clean(top, chunk)
 fig, ax = plt.subplots(figsize=(8, 3.2))
 ax.plot(top, "o-", ms=4, label="list (ascending)")
 ax.plot(np.sort(chunk)[::-1], "s-", ms=4, label="chunk (sorted descending)")

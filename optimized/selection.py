@@ -35,8 +35,8 @@ Costs: the ``q k~^T`` products equal one compressed-attention forward's first ma
 pass, which needs the final log-sum-exp), and one ``exp2`` per (row, visible compressed block). Per
 compressed tile a program reads one ``[BK, BC]`` key tile; ``q`` is read once. The stencil map adds
 ``2 BT BC`` multiply-adds per tile, once per group (the weight tile: ``BT * BC * BS``, a tf32x3 matmul when
-``BT >= 16``, else a broadcast sum). A chunk's top-n costs ``log2(BS) (log2(BS) + 1) / 2 + log2(NP)``
-compare-exchange stages (14 at 16 blocks), each an int64 partner exchange (two shuffles where the partner
+``BT >= 16``, else a broadcast sum). A chunk of ``BS = NP`` blocks costs ``log2(NP) (log2(NP) + 3) / 2``
+compare-exchange stages for its top-n (14 at 16 blocks), each an int64 partner exchange (two shuffles where the partner
 sits in another lane), a comparison and two selects per key, whatever the scores. The kernel is bound by the
 instructions it issues and their latencies, not by its matmuls or memory, so its cost is read on the SASS
 (``scripts/spills.py --sass``): at G = 16 (``num_warps=4``) 16 selection blocks cost about 1020 instructions
