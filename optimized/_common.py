@@ -10,7 +10,9 @@ The branches differ only in *which* keys a tile visits and in the validity mask 
 (causal, window, visible block, block membership), so the callers build the pointers and the mask and
 the helpers here do the arithmetic. Exponentials use ``exp2`` with $\log_2 e$ folded into the scale
 (``qk_scale = scale * LOG2E``): the running max ``b_m`` is in log2 units, the stored log-sum-exp is in
-natural-log units (the public API's ``lse``).
+natural-log units (the public API's ``lse``). The forward scales the raw scores inside the exponent,
+``exp2(s * qk_scale - m)``, one fused multiply-add per score, and its row max as ``max(s) * qk_scale``
+(equal for ``scale > 0``), so no pass over the tile multiplies by the scale.
 
 Rows that see no key keep ``b_m = -inf`` and ``b_l = 0``: :func:`attn_fwd_finish` then writes output 0 and
 lse ``-inf``, and the backward helpers give them zero gradients (never NaN), as spec section 4 asks.
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # constexpr globals, so that @triton.jit functions may read them (plain globals fail to compile on the GPU)
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
@@ -39,6 +42,25 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * LN2
 def is_interpreting() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tma_descriptor(x: torch.Tensor, box: list[int]) -> TensorDescriptor | None:
+    """``x`` [rows, heads, D] as a TMA tensor descriptor of ``box`` blocks, or None where TMA cannot read it: the
+    card has TMA (sm_90 and newer; the interpreter emulates it), ``x`` is not empty, rows start 16-byte aligned
+    (``D * itemsize`` a multiple of 16) and no box dimension exceeds 256. Reads past the tensor's edges give zeros."""
+    if x.numel() == 0 or x.data_ptr() % 16 or x.stride(1) * x.element_size() % 16 or max(box) > 256:
+        return None
+    if not is_interpreting() and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return None
+    return TensorDescriptor.from_tensor(x, box)
+
+
+def kv_boxes(nargs: dict) -> None:
+    """Autotune pre-hook of kernels that may read ``k``/``v`` through :func:`tma_descriptor`: each config's
+    boxes are ``[BN, 1, BK]`` / ``[BN, 1, BV]`` (its own ``BN``)."""
+    for name, dim in (("k", "BK"), ("v", "BV")):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [nargs["BN"], 1, nargs[dim]]
 
 
 def tune_bucket(n: int) -> int:
@@ -90,7 +112,9 @@ EXACT_FP32_TILE = 32
 
 
 def config_list(
-    choices: Sequence[tuple[dict[str, int], int, int]], interpreter: dict[str, int] | None = None
+    choices: Sequence[tuple[dict[str, int], int, int]],
+    interpreter: dict[str, int] | None = None,
+    pre_hook: Callable[[dict], None] | None = None,
 ) -> list[triton.Config]:
     """Explicit autotune choices ``(meta-parameters, num_warps, num_stages)``, the safest first.
 
@@ -100,17 +124,19 @@ def config_list(
     with its ``BM``/``BN`` tiles cut to 32, and :func:`prune_by_precision` (the autotuner's
     ``early_config_prune``) gives float32 inputs only those: an exact float32 ``tl.dot`` is unrolled into FMAs,
     and compiling the interval forward kernel at D=128 for sm_90 takes 95 s with 64 x 64 tiles, 19 s with
-    32 x 32 (bf16 at 64 x 64: 12 s). Twins are merged when equal.
+    32 x 32 (bf16 at 64 x 64: 12 s). Twins are merged when equal. ``pre_hook`` goes to every config
+    (e.g. :func:`kv_boxes`).
     """
     if is_interpreting():
-        return [triton.Config(interpreter or choices[0][0], num_warps=4, num_stages=1)]
+        return [triton.Config(interpreter or choices[0][0], num_warps=4, num_stages=1, pre_hook=pre_hook)]
     if os.environ.get("NSA_AUTOTUNE", "1") == "0":
         choices = choices[:1]
-    configs = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in choices]
+    configs = [triton.Config(meta, num_warps=w, num_stages=s, pre_hook=pre_hook) for meta, w, s in choices]
     exact = {}
     for meta, _, s in choices:
         small = {k: min(v, EXACT_FP32_TILE) if k in ("BM", "BN") else v for k, v in meta.items()}
-        exact.setdefault((*sorted(small.items()), s), ExactFp32Config(small, num_warps=4, num_stages=s))
+        twin = ExactFp32Config(small, num_warps=4, num_stages=s, pre_hook=pre_hook)
+        exact.setdefault((*sorted(small.items()), s), twin)
     return configs + list(exact.values())
 
 
@@ -164,23 +190,25 @@ def attn_fwd_step(
     """
     b_k = tl.load(p_k, mask=m_k, other=0.0)  # [BK, BN]
     b_v = tl.load(p_v, mask=m_v, other=0.0)  # [BN, BV]
-    b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+    b_s = tl.dot(b_q, b_k, input_precision=DOT_PRECISION)  # [BM, BN], scaled below
     b_s = tl.where(m_s, b_s, float("-inf"))
-    return attn_fwd_update(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION)
+    return attn_fwd_update(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION, qk_scale)
 
 
 @triton.jit
-def attn_fwd_update(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr):
+def attn_fwd_update(b_s, b_v, b_m, b_l, b_acc, DOT_PRECISION: tl.constexpr, qk_scale=1.0):
     """The online-softmax update of :func:`attn_fwd_step` from scores the caller has already computed.
 
-    b_s [BM, BN] fp32 scores in log2 units (``qk_scale`` applied), -inf where the row does not attend the key;
-    b_v [BN, BV] the loaded value tile. For kernels that also need the scores themselves (the decode step maps
-    them to selection blocks in the same pass). Returns the updated (b_m, b_l, b_acc).
+    b_s [BM, BN] fp32 scores, -inf where the row does not attend the key, in log2 units once multiplied by
+    ``qk_scale`` (> 0; 1.0: already scaled); the scale is applied inside the exponent's fused multiply-add,
+    not as a pass over the tile. b_v [BN, BV] the loaded value tile. For kernels that also need the scores
+    themselves (the decode step maps them to selection blocks in the same pass). Returns the updated
+    (b_m, b_l, b_acc).
     """
-    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))  # [BM]
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)  # [BM]: max(s) c = max(s c) for c > 0
     b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with nothing seen yet
     b_alpha = tl.exp2(b_m - b_m_safe)  # [BM]
-    b_p = tl.exp2(b_s - b_m_safe[:, None])  # [BM, BN], 0 where masked
+    b_p = tl.exp2(b_s * qk_scale - b_m_safe[:, None])  # [BM, BN], 0 where masked; one FFMA per score
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     return b_m_new, b_l, b_acc

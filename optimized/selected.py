@@ -63,7 +63,6 @@ from collections.abc import Iterator
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from reference._checks import check_config, check_cu_seqlens, check_dim, check_qkv, check_scale
 from reference.config import NSAConfig
@@ -86,6 +85,7 @@ from ._common import (
     next_power_of_2,
     shape_metadata,
     store_dq,
+    tma_descriptor,
     tune_bucket,
 )
 from ._interval import token_sequences
@@ -546,17 +546,12 @@ def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select_block: int) 
 
 def _kv_operands(k2: torch.Tensor, v2: torch.Tensor, meta: dict[str, object]) -> tuple[object, object, bool]:
     """K and V [TT, H, D] (packed) as the dq kernel reads them, and whether through TMA: tensor descriptors of
-    [BN, 1, BD] boxes where the card has TMA (sm_90 and newer; the interpreter emulates it) and every row starts
-    16-byte aligned (D * itemsize a multiple of 16, as at D = 128), else the tensors."""
-    aligned = all(x.data_ptr() % 16 == 0 and x.stride(1) * x.element_size() % 16 == 0 for x in (k2, v2))
-    tma = aligned and max(meta["BK"], meta["BV"], meta["BN"]) <= 256  # a TMA box is at most 256 per dimension
-    if tma and not is_interpreting():
-        tma = torch.cuda.get_device_capability(k2.device)[0] >= 9
-    if not tma:
+    [BN, 1, BD] boxes (:func:`tma_descriptor`) where both can be, else the tensors."""
+    k_desc = tma_descriptor(k2, [meta["BN"], 1, meta["BK"]])
+    v_desc = tma_descriptor(v2, [meta["BN"], 1, meta["BV"]])
+    if k_desc is None or v_desc is None:
         return k2, v2, False
-    box = [meta["BN"], 1]
-    k_desc = TensorDescriptor.from_tensor(k2, [*box, meta["BK"]])
-    return k_desc, TensorDescriptor.from_tensor(v2, [*box, meta["BV"]]), True
+    return k_desc, v_desc, True
 
 
 def _packed(*xs: torch.Tensor) -> list[torch.Tensor]:

@@ -143,11 +143,13 @@ KERNELS = {
 }
 
 
-def _signature(fn: JITFunction, constexprs: dict, overrides: dict[str, str]) -> dict[str, str]:
-    """Parameter types by name: activations bf16, lse/delta/scales fp32, strides and sizes i32, else int32 data."""
+def _signature(fn: JITFunction, values: dict, overrides: dict[str, str]) -> dict[str, str]:
+    """Parameter types by name: the kernel's ``tl.constexpr`` parameters (and runtime ints given as 1, which the
+    launcher specializes to constants) "constexpr"; activations bf16, lse/delta/scales fp32, strides and sizes i32
+    (those given a value in ``values`` stay runtime ints, as the GPU compiles them), else int32 data."""
     sig = {}
     for p in fn.params:
-        if p.is_constexpr or p.name in constexprs:
+        if p.is_constexpr or (values.get(p.name) == 1 and isinstance(values[p.name], int)):
             sig[p.name] = "constexpr"
         elif p.name in overrides:
             sig[p.name] = overrides[p.name]
@@ -252,13 +254,17 @@ def report(name: str, sass: bool = False, sass_dir: str | None = None, lines: in
         fn = fn.fn
     configs = getattr(kernel, "configs", None) or [triton.Config({}, **launch[0])]  # not autotuned: its launch
     for cfg in configs:
-        const = {**constexprs, **cfg.kwargs}
-        sig = _signature(fn, const, overrides)
-        const = {k: v for k, v in const.items() if k in sig}
+        values = {**constexprs, **cfg.kwargs}
+        sig = _signature(fn, values, overrides)
+        const = {k: v for k, v in values.items() if sig.get(k) == "constexpr"}
         # as the GPU launcher specializes them at the benchmark's shapes: pointers 16-byte aligned, sizes and
-        # strides multiples of 16 (without these hints loads are not vectorized and the counts mislead)
+        # strides multiples of 16 unless given a value that is not (without these hints loads are not vectorized
+        # and the counts mislead); a runtime int is never a constant here, whatever its value (G = 16 as a
+        # runtime int divides by a register, as on the GPU)
         attrs = {
-            (i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if sig[p.name] not in ("constexpr", "fp32")
+            (i,): [["tt.divisibility", 16]]
+            for i, p in enumerate(fn.params)
+            if sig[p.name] not in ("constexpr", "fp32") and values.get(p.name, 16) % 16 == 0
         }
         options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         label = (
