@@ -55,14 +55,6 @@ def tma_descriptor(x: torch.Tensor, box: list[int]) -> TensorDescriptor | None:
     return TensorDescriptor.from_tensor(x, box)
 
 
-def kv_boxes(nargs: dict) -> None:
-    """Autotune pre-hook of kernels that may read ``k``/``v`` through :func:`tma_descriptor`: each config's
-    boxes are ``[BN, 1, BK]`` / ``[BN, 1, BV]`` (its own ``BN``)."""
-    for name, dim in (("k", "BK"), ("v", "BV")):
-        if isinstance(nargs[name], TensorDescriptor):
-            nargs[name].block_shape = [nargs["BN"], 1, nargs[dim]]
-
-
 def tune_bucket(n: int) -> int:
     """An autotune key's size bucket: ``b`` for ``2^(b-1) <= n < 2^b`` (0 for 0). Kernels take it as an argument
     they never read, so a config tuned at one size serves the sizes of its bucket and no others."""
@@ -112,9 +104,7 @@ EXACT_FP32_TILE = 32
 
 
 def config_list(
-    choices: Sequence[tuple[dict[str, int], int, int]],
-    interpreter: dict[str, int] | None = None,
-    pre_hook: Callable[[dict], None] | None = None,
+    choices: Sequence[tuple[dict[str, int], int, int]], interpreter: dict[str, int] | None = None
 ) -> list[triton.Config]:
     """Explicit autotune choices ``(meta-parameters, num_warps, num_stages)``, the safest first.
 
@@ -124,19 +114,17 @@ def config_list(
     with its ``BM``/``BN`` tiles cut to 32, and :func:`prune_by_precision` (the autotuner's
     ``early_config_prune``) gives float32 inputs only those: an exact float32 ``tl.dot`` is unrolled into FMAs,
     and compiling the interval forward kernel at D=128 for sm_90 takes 95 s with 64 x 64 tiles, 19 s with
-    32 x 32 (bf16 at 64 x 64: 12 s). Twins are merged when equal. ``pre_hook`` goes to every config
-    (e.g. :func:`kv_boxes`).
+    32 x 32 (bf16 at 64 x 64: 12 s). Twins are merged when equal.
     """
     if is_interpreting():
-        return [triton.Config(interpreter or choices[0][0], num_warps=4, num_stages=1, pre_hook=pre_hook)]
+        return [triton.Config(interpreter or choices[0][0], num_warps=4, num_stages=1)]
     if os.environ.get("NSA_AUTOTUNE", "1") == "0":
         choices = choices[:1]
-    configs = [triton.Config(meta, num_warps=w, num_stages=s, pre_hook=pre_hook) for meta, w, s in choices]
+    configs = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in choices]
     exact = {}
     for meta, _, s in choices:
         small = {k: min(v, EXACT_FP32_TILE) if k in ("BM", "BN") else v for k, v in meta.items()}
-        twin = ExactFp32Config(small, num_warps=4, num_stages=s, pre_hook=pre_hook)
-        exact.setdefault((*sorted(small.items()), s), twin)
+        exact.setdefault((*sorted(small.items()), s), ExactFp32Config(small, num_warps=4, num_stages=s))
     return configs + list(exact.values())
 
 
