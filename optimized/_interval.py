@@ -98,11 +98,12 @@ def _fwd_key_loop(
     key_base = (b * S) * H + h (int64); b_lo/b_hi [BM] the rows' intervals. MASKED=False: every row sees
     every key of these tiles (the interior of the band), so no interval mask is built.
     """
+    k, v = k + key_base * DK, v + key_base * DV  # key s of the sequence and head: + s H D (int32 until the D multiply)
     o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
     m_dk, m_dv = o_k < DK, o_v < DV
     for s0 in range(s_start, s_end, BN):
         o_s = s0 + o_n  # [BN]
-        o_key = key_base + o_s.to(tl.int64) * H  # [BN] int64 index into [B, S, H]
+        o_key = (o_s * H).to(tl.int64)  # [BN] from key_base
         p_k = k + o_key[None, :] * DK + o_k[:, None]  # [BK, BN]
         p_v = v + o_key[:, None] * DV + o_v[None, :]  # [BN, BV]
         if MASKED:
@@ -277,11 +278,12 @@ def _dq_key_loop(
     DOT_PRECISION: tl.constexpr,
 ):
     """dq of the rows over the key tiles s0 = s_start, s_start + BN, ... < s_end (MASKED as in _fwd_key_loop)."""
+    k, v = k + key_base * DK, v + key_base * DV
     o_k, o_v, o_n = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BN)
     m_dk, m_dv = o_k < DK, o_v < DV
     for s0 in range(s_start, s_end, BN):
         o_s = s0 + o_n  # [BN]
-        o_key = key_base + o_s.to(tl.int64) * H  # [BN] int64
+        o_key = (o_s * H).to(tl.int64)  # [BN] from key_base
         p_k = k + o_key[None, :] * DK + o_k[:, None]  # [BK, BN]
         p_v = v + o_key[None, :] * DV + o_v[:, None]  # [BV, BN]
         if MASKED:
@@ -469,13 +471,15 @@ def _dkv_row_loop(
     row_base = b * T (int64), head_base = h * G. MASKED=False: every row of these tiles sees every valid key of the tile
     (keys past S only feed dk/dv rows that are never stored).
     """
-    HQ = H * G
+    HQ: tl.constexpr = H * G
+    row0 = row_base * HQ + head_base  # int64: (b, t = 0, head h G) of [B, T, HQ]; the rows' offsets from it are int32
+    q, do, lse, delta = q + row0 * DK, do + row0 * DV, lse + row0, delta + row0
     o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
     m_dk, m_dv = o_k < DK, o_v < DV
     for r0 in range(r_start, r_end, BM):
         o_r = r0 + o_m  # [BM]
         o_t = o_r // G
-        o_row = (row_base + o_t) * HQ + head_base + o_r % G  # [BM] int64
+        o_row = (o_t * HQ + o_r % G).to(tl.int64)  # [BM] from row0 (int32 until the head-dim multiply below)
         if MASKED:
             m_r = o_r < r_max
             b_lo = tl.load(q_lo + o_t, mask=m_r, other=0)
