@@ -271,9 +271,9 @@ def selected_fwd_block_kernel(
         for r0 in range(0, (e1 - e0) * G, BM):
             o_r = r0 + o_m  # [BM] rows (entry, head) of the chunk
             m_r = o_r < (e1 - e0) * G
-            o_e = tl.load(entry_of + e0 + o_r // G, mask=m_r, other=0).to(tl.int64)  # [BM] entries (t H + h) N + j
-            o_t = o_e // (H * N)  # [BM] packed query positions
-            o_row = o_t * HQ + i_h * G + o_r % G  # [BM] index into [TT, HQ]
+            o_e = tl.load(entry_of + e0 + o_r // G, mask=m_r, other=0).to(tl.uint32)  # [BM] entries (t H + h) N + j
+            o_t = (o_e // (H * N)).to(tl.int32)  # [BM] packed query positions (an unsigned division: a shift here)
+            o_row = (o_t * HQ + i_h * G + o_r % G).to(tl.int64)  # [BM] index into [TT, HQ] (int32: TT HQ < 2^31)
             b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_r[:, None] & m_dk[None, :], other=0.0)
             b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
             b_s = tl.where(m_n[None, :] & (o_s[None, :] <= o_t[:, None]), b_s, float("-inf"))  # causal: s <= t
@@ -286,7 +286,7 @@ def selected_fwd_block_kernel(
                 DOT_PRECISION,
             )
             b_o, b_lse = attn_fwd_finish(b_m, b_l, b_acc)
-            o_part_row = o_e * G + o_r % G  # [BM] the (entry, head) row of the partials
+            o_part_row = o_e.to(tl.int64) * G + o_r % G  # [BM] the (entry, head) row of the partials
             p_o = o_part + o_part_row[:, None] * DV + o_v[None, :]
             tl.store(p_o, b_o.to(o_part.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])
             tl.store(lse_part + o_part_row, b_lse, mask=m_r)
@@ -505,8 +505,9 @@ def selected_bwd_dkv_kernel(
         for r0 in range(0, (e1 - e0) * G, BM):
             o_r = r0 + o_m  # [BM] rows (entry, head) of the chunk
             m_r = o_r < (e1 - e0) * G
-            o_t = tl.load(entry_of + e0 + o_r // G, mask=m_r, other=0) // (H * N)  # [BM] packed query positions
-            o_row = o_t.to(tl.int64) * HQ + i_h * G + o_r % G  # [BM] index into [TT, HQ]
+            o_e = tl.load(entry_of + e0 + o_r // G, mask=m_r, other=0).to(tl.uint32)  # [BM] entries (>= 0)
+            o_t = (o_e // (H * N)).to(tl.int32)  # [BM] packed query positions (an unsigned division: a shift here)
+            o_row = (o_t * HQ + i_h * G + o_r % G).to(tl.int64)  # [BM] index into [TT, HQ] (int32: TT HQ < 2^31)
             m_st = m_n[:, None] & m_r[None, :] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
             b_dk, b_dv = attn_bwd_dkv_step(
                 b_k,
