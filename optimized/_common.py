@@ -55,6 +55,13 @@ def tma_descriptor(x: torch.Tensor, box: list[int]) -> TensorDescriptor | None:
     return TensorDescriptor.from_tensor(x, box)
 
 
+def check_int32_offsets(what: str, n: int) -> None:
+    """The kernels address a sequence's rows (token x head) by int32 offsets from a 64-bit base, widening only
+    for the head-dim multiply: ``n`` such rows must stay below 2**31."""
+    if n >= 2**31:
+        raise ValueError(f"{what} = {n}: the kernels address rows by int32 offsets, so it must be < 2**31")
+
+
 def tune_bucket(n: int) -> int:
     """An autotune key's size bucket: ``b`` for ``2^(b-1) <= n < 2^b`` (0 for 0). Kernels take it as an argument
     they never read, so a config tuned at one size serves the sizes of its bucket and no others."""

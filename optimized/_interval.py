@@ -40,6 +40,7 @@ from ._common import (
     attn_bwd_dq_step,
     attn_fwd_finish,
     attn_fwd_step,
+    check_int32_offsets,
     config_list,
     device_tensor,
     dot_precision,
@@ -680,6 +681,8 @@ def interval_bwd_dkv_kernel(
 def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, object]:
     """The shape arguments shared by the three kernels, with the autotuner's size buckets (``_TUNE_KEY``)."""
     HQ, DK, H, DV = q.shape[2], q.shape[3], k.shape[2], v.shape[3]
+    check_int32_offsets("T * HQ", q.shape[1] * HQ)  # the dk/dv kernel's query rows within a sequence
+    check_int32_offsets("S * H", k.shape[1] * H)  # the forward's and dq's key rows within a sequence
     return dict(
         H=H,
         G=HQ // H,

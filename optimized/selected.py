@@ -77,6 +77,7 @@ from ._common import (
     attn_fwd_step,
     attn_fwd_update,
     autotune_configs,
+    check_int32_offsets,
     check_kernel_dtype,
     device_tensor,
     dot_precision,
@@ -531,6 +532,7 @@ def selected_bwd_dkv_kernel(
 
 def _meta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, select_block: int) -> dict[str, object]:
     HQ, DK, H, DV = q.shape[-2], q.shape[-1], k.shape[-2], v.shape[-1]
+    check_int32_offsets("B * T * HQ", q.numel() // DK)  # the packed query rows
     return dict(
         TUNE_T=tune_bucket(q.numel() // (HQ * DK)),
         H=H,

@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from kernel_problems import DEVICE, examples, kernel_problems, problem
 
 import reference
-from optimized import _interval
+from optimized import _interval, selected
 from optimized._common import attn_bwd_preprocess
 from optimized.window import sliding_window_attention, window_bounds
 from reference.config import NSAConfig
@@ -28,6 +28,18 @@ CFG = NSAConfig(8, 4, 8, 3, 1, 2, window=16)
 @example(problem(64, 1, 4, 40, 64, NSAConfig(2, 1, 2, 3, 1, 2, window=48), torch.float32))  # unmasked interior tiles
 def test_window_matches_reference(p: NSAProblem) -> None:
     check_against_reference("sliding_window_attention", sliding_window_attention, p, device=DEVICE)
+
+
+def test_kernels_refuse_rows_past_int32_offsets() -> None:
+    """The interval and selected kernels address a sequence's rows by int32 offsets: a shape with 2**31 rows
+    (token x head) fails with a ValueError naming the product, before any launch (meta tensors: no memory)."""
+    q = torch.empty(1, 2**25, 64, 16, device="meta")  # T * HQ = 2**31
+    kv = torch.empty(1, 2**25, 4, 16, device="meta")
+    with pytest.raises(ValueError, match=r"T \* HQ = 2147483648"):
+        _interval._meta(q, kv, kv)
+    with pytest.raises(ValueError, match=r"B \* T \* HQ = 2147483648"):
+        selected._meta(q, kv, kv, 16)
+    _interval._meta(q[:, :-1], kv, kv)  # one token less fits
 
 
 def test_window_rejects_bad_arguments_like_reference() -> None:
