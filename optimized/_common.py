@@ -342,16 +342,16 @@ def attn_bwd_preprocess_kernel(
     do,
     dlse,
     delta,
-    N,
+    R,
     DV: tl.constexpr,
     BR: tl.constexpr,
     BV: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):
-    """delta[r] = sum_d o[r, d] * do[r, d] - dlse[r] over N rows of a contiguous [N, DV] pair."""
+    """delta[r] = sum_d o[r, d] * do[r, d] - dlse[r] over R rows of a contiguous [R, DV] pair."""
     o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # [BR]
     o_v = tl.arange(0, BV)
-    m_r = o_r < N
+    m_r = o_r < R
     m_rv = m_r[:, None] & (o_v[None, :] < DV)  # [BR, BV]
     p_offs = o_r[:, None] * DV + o_v[None, :]
     b_o = tl.load(o + p_offs, mask=m_rv, other=0.0).to(tl.float32)
