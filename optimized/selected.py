@@ -225,6 +225,17 @@ def _work_block(
     return i_h, o_s, m_n, o_key, b_k, b_v
 
 
+@triton.jit
+def _entry_rows(entry_of, e0, o_r, m_r, i_h, H: tl.constexpr, G: tl.constexpr, N: tl.constexpr):
+    """Rows o_r [BM] = (entry, head) of a chunk starting at entry e0 of ``entry_of``: returns the entries o_e (the
+    (t H + h) N + j of block_idx, uint32), their packed query positions o_t and rows o_row into [TT, HQ] (int64;
+    computed in 32 bits: an unsigned division by H N is a shift, and TT HQ < 2^31, ``check_int32_offsets``)."""
+    o_e = tl.load(entry_of + e0 + o_r // G, mask=m_r, other=0).to(tl.uint32)  # [BM]
+    o_t = (o_e // (H * N)).to(tl.int32)  # [BM]
+    o_row = (o_t * (H * G) + i_h * G + o_r % G).to(tl.int64)  # [BM]
+    return o_e, o_t, o_row
+
+
 @triton.autotune(
     configs=autotune_configs({"BM": (64, 128)}, num_warps=(4, 8), num_stages=(1, 2), interpreter={"BM": 16}),
     key=_TUNE_KEY,
@@ -265,18 +276,15 @@ def selected_fwd_block_kernel(
     if e0 < e1:
         i_h, o_s, m_n, _, b_k, b_v = _work_block(k, v, work_key, block_start, block_end, i_w, NB, H, DK, DV, BK, BV, BN)
         b_kt = tl.trans(b_k)  # [BK, BN]
-        HQ: tl.constexpr = H * G
         qk_scale = scale * _LOG2E
         o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
         m_dk, m_dv = o_k < DK, o_v < DV
         for r0 in range(0, (e1 - e0) * G, BM):
             o_r = r0 + o_m  # [BM] rows (entry, head) of the chunk
             m_r = o_r < (e1 - e0) * G
-            o_e = tl.load(entry_of + e0 + o_r // G, mask=m_r, other=0).to(tl.uint32)  # [BM] entries (t H + h) N + j
-            o_t = (o_e // (H * N)).to(tl.int32)  # [BM] packed query positions (an unsigned division: a shift here)
-            o_row = (o_t * HQ + i_h * G + o_r % G).to(tl.int64)  # [BM] index into [TT, HQ] (int32: TT HQ < 2^31)
+            o_e, o_t, o_row = _entry_rows(entry_of, e0, o_r, m_r, i_h, H, G, N)
             b_q = tl.load(q + o_row[:, None] * DK + o_k[None, :], mask=m_r[:, None] & m_dk[None, :], other=0.0)
-            b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION) * qk_scale  # [BM, BN]
+            b_s = tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BM, BN], scaled in the update
             b_s = tl.where(m_n[None, :] & (o_s[None, :] <= o_t[:, None]), b_s, float("-inf"))  # causal: s <= t
             b_m, b_l, b_acc = attn_fwd_update(
                 b_s,
@@ -285,6 +293,7 @@ def selected_fwd_block_kernel(
                 tl.zeros([BM], dtype=tl.float32),
                 tl.zeros([BM, BV], dtype=tl.float32),
                 DOT_PRECISION,
+                qk_scale,
             )
             b_o, b_lse = attn_fwd_finish(b_m, b_l, b_acc)
             o_part_row = o_e.to(tl.int64) * G + o_r % G  # [BM] the (entry, head) row of the partials
@@ -497,7 +506,6 @@ def selected_bwd_dkv_kernel(
         i_h, o_s, m_n, o_key, b_k, b_v = _work_block(
             k, v, work_key, block_start, block_end, i_w, NB, H, DK, DV, BK, BV, BN
         )
-        HQ: tl.constexpr = H * G
         qk_scale = scale * _LOG2E
         o_k, o_v, o_m = tl.arange(0, BK), tl.arange(0, BV), tl.arange(0, BM)
         m_dk, m_dv = o_k < DK, o_v < DV
@@ -506,9 +514,7 @@ def selected_bwd_dkv_kernel(
         for r0 in range(0, (e1 - e0) * G, BM):
             o_r = r0 + o_m  # [BM] rows (entry, head) of the chunk
             m_r = o_r < (e1 - e0) * G
-            o_e = tl.load(entry_of + e0 + o_r // G, mask=m_r, other=0).to(tl.uint32)  # [BM] entries (>= 0)
-            o_t = (o_e // (H * N)).to(tl.int32)  # [BM] packed query positions (an unsigned division: a shift here)
-            o_row = (o_t * HQ + i_h * G + o_r % G).to(tl.int64)  # [BM] index into [TT, HQ] (int32: TT HQ < 2^31)
+            _, o_t, o_row = _entry_rows(entry_of, e0, o_r, m_r, i_h, H, G, N)
             m_st = m_n[:, None] & m_r[None, :] & (o_s[:, None] <= o_t[None, :])  # [BN, BM]
             b_dk, b_dv = attn_bwd_dkv_step(
                 b_k,
